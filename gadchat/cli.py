@@ -1,0 +1,27 @@
+"""Entry point shared by the step folders: parse the configuration and run one stage."""
+
+from __future__ import annotations
+
+import sys
+
+from gadchat import runtime
+
+
+def run_stage(stage: str, argv=None) -> dict:
+    runtime.set_process_defaults()
+    from gadchat.config import load_config
+    from gadchat.trainer import StageTrainer
+
+    cfg = load_config(argv, stage=stage, description=f"GAD-Chat {stage} stage")
+    return StageTrainer(cfg).run()
+
+
+def main_for(stage: str) -> None:
+    from gadchat.checkpoint import CheckpointError
+
+    try:
+        run_stage(stage)
+    except (ValueError, FileNotFoundError, CheckpointError) as exc:
+        # Configuration, data and checkpoint problems: one clear line naming the culprit.
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)

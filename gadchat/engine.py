@@ -1,0 +1,350 @@
+"""The hybrid engine: actor, reference and discriminator as DeepSpeed engines plus a colocated
+rollout engine whose weights follow the actor.
+
+SPMD: every rank builds the same engines; ZeRO-3 shards live on all ranks and every collective
+(parameter gathers, the weight push) runs in lock-step. The engine provides the primitives the
+stage loops in :mod:`gadchat.trainer` are written with: ``generate``, ``sync_rollout_weights``,
+per-token log-probs, discriminator scores, and ``accumulate`` (micro-batched backward with one
+optimizer step).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from gadchat import runtime
+from gadchat.config import GADConfig
+from gadchat.losses import token_entropy, token_log_probs
+from gadchat.models import (Discriminator, attn_implementation, load_causal_lm, load_discriminator, load_tokenizer,
+                            resolve_model_path)
+from gadchat.rollout import HFRollout, VLLMRollout, choose_backend
+
+logger = logging.getLogger(__name__)
+
+
+class PhaseTimer:
+    """Wall time per named phase; ``timings()`` returns and clears them (seconds)."""
+
+    def __init__(self):
+        self._times = defaultdict(float)
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        if runtime.has_cuda():
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if runtime.has_cuda():
+                torch.cuda.synchronize()
+            self._times[name] += time.perf_counter() - start
+
+    def timings(self) -> dict:
+        out = {f"time/{k}": v for k, v in self._times.items()}
+        self._times.clear()
+        return out
+
+
+@dataclass
+class SequenceBatch:
+    """Right-padded ``prompt ++ response`` sequences.
+
+    ``response_mask[b, t] = 1`` where token ``t`` belongs to the response (up to and including its
+    EOS); ``last_index[b]`` is the position of the last valid token, where the discriminator scores.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    response_mask: torch.Tensor
+    last_index: torch.Tensor
+
+    @classmethod
+    def build(cls, prompts: list, responses: list, pad_token_id: int) -> "SequenceBatch":
+        lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
+        width = max(lengths)
+        size = len(prompts)
+        input_ids = torch.full((size, width), pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((size, width), dtype=torch.long)
+        response_mask = torch.zeros((size, width), dtype=torch.float32)
+        for row, (prompt, response) in enumerate(zip(prompts, responses)):
+            input_ids[row, : lengths[row]] = torch.tensor(list(prompt) + list(response), dtype=torch.long)
+            attention_mask[row, : lengths[row]] = 1
+            response_mask[row, len(prompt) : lengths[row]] = 1.0
+        last_index = torch.tensor(lengths, dtype=torch.long) - 1
+        return cls(input_ids, attention_mask, response_mask, last_index)
+
+    def __len__(self):
+        return self.input_ids.shape[0]
+
+    def slice(self, start: int, end: int) -> "SequenceBatch":
+        """Rows ``start:end``, trimmed to their own longest sequence."""
+        width = int(self.last_index[start:end].max().item()) + 1
+        return SequenceBatch(
+            self.input_ids[start:end, :width],
+            self.attention_mask[start:end, :width],
+            self.response_mask[start:end, :width],
+            self.last_index[start:end],
+        )
+
+    def to(self, dev) -> "SequenceBatch":
+        return SequenceBatch(*(t.to(dev) for t in (self.input_ids, self.attention_mask, self.response_mask, self.last_index)))
+
+    @property
+    def target_mask(self) -> torch.Tensor:
+        """Response mask aligned with next-token log-probs (positions ``1..T-1``)."""
+        return self.response_mask[:, 1:]
+
+
+def deepspeed_config(cfg: GADConfig, lr_section, train: bool, dtype: torch.dtype) -> dict:
+    """DeepSpeed JSON for one engine; a user's ``deepspeed.config_file`` wins on what it sets."""
+    ds = cfg.deepspeed
+    zero = {"stage": ds.zero_stage, "stage3_param_persistence_threshold": 1e4, "stage3_max_live_parameters": 3e7,
+            "stage3_prefetch_bucket_size": 3e7, "reduce_bucket_size": 5e7}
+    if ds.offload_param and ds.zero_stage == 3:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": runtime.has_cuda()}
+    if ds.offload_optimizer and train and ds.zero_stage > 0:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": runtime.has_cuda()}
+    config = {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": zero,
+        "bf16": {"enabled": dtype == torch.bfloat16},
+        "fp16": {"enabled": dtype == torch.float16},
+        "zero_force_ds_cpu_optimizer": False,
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if train:
+        config["gradient_clipping"] = lr_section.grad_clip
+    if ds.config_file:
+        path = Path(ds.config_file)
+        if not path.exists():
+            raise FileNotFoundError(f"deepspeed.config_file not found: {path}")
+        user = json.loads(path.read_text())
+        for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+            user.pop(key, None)  # batch geometry is the trainer's: prompts_per_step, n, micro_batch_size
+        if not train:
+            user.pop("optimizer", None)
+            user.pop("scheduler", None)
+            user.get("zero_optimization", {}).pop("offload_optimizer", None)
+        config.update(user)
+    return config
+
+
+def _optimizer(params, section):
+    betas = tuple(float(b) for b in str(section.betas).split(","))
+    kwargs = dict(lr=section.lr, betas=betas, weight_decay=section.weight_decay)
+    if runtime.has_cuda():
+        kwargs["fused"] = True
+    return torch.optim.AdamW(params, **kwargs)
+
+
+class HybridEngine:
+    """Holds ``actor``, ``ref``, ``critic`` (DeepSpeed engines) and ``rollout`` for one stage."""
+
+    def __init__(self, cfg: GADConfig, rank: int, world_size: int, need_critic: bool = True,
+                 need_ref: bool | None = None, actor_path: str | None = None, critic_path: str | None = None):
+        import deepspeed
+
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.timer = PhaseTimer()
+        self.device = runtime.device()
+        self.dtype = runtime.resolve_dtype(cfg.model.dtype)
+        self.zero3 = cfg.deepspeed.zero_stage == 3
+        m = cfg.model
+        self.actor_path = resolve_model_path(actor_path or m.actor_path)
+        self.tokenizer_path = resolve_model_path(m.tokenizer_path) if m.tokenizer_path else self.actor_path
+        self.tokenizer = load_tokenizer(self.tokenizer_path, m.trust_remote_code)
+        self.pad_token_id = self.tokenizer.pad_token_id
+        self.eos_ids = {self.tokenizer.eos_token_id}
+        attn = attn_implementation(m.attn_implementation)
+
+        with self.timer("init_models"):
+            actor_model = self._load(lambda: load_causal_lm(self.actor_path, self.dtype, attn, m.gradient_checkpointing,
+                                                            m.trust_remote_code), cfg.actor, train=True)
+            self.actor = self._initialize(actor_model, cfg.actor, train=True)
+            if need_ref is None:
+                need_ref = cfg.actor.kl_coef > 0 and cfg.trainer.stage != "seqkd"
+            self.ref = None
+            if need_ref:
+                ref_model = self._load(lambda: load_causal_lm(self.actor_path, self.dtype, attn, False, m.trust_remote_code),
+                                       cfg.actor, train=False)
+                ref_model.requires_grad_(False)
+                self.ref = self._initialize(ref_model, cfg.actor, train=False)
+                self.ref.eval()
+            self.critic = None
+            if need_critic:
+                path = resolve_model_path(critic_path or m.critic_path or self.actor_path)
+                critic_model = self._load(
+                    lambda: load_discriminator(path, self.pad_token_id, self.dtype, attn, cfg.critic.head_init_std,
+                                               cfg.trainer.seed, m.gradient_checkpointing, m.trust_remote_code),
+                    cfg.critic, train=True)
+                trainable = not (cfg.critic.freeze and cfg.trainer.stage == "gad")
+                if not trainable:
+                    critic_model.requires_grad_(False)
+                self.critic = self._initialize(critic_model, cfg.critic, train=trainable)
+                self.critic_trainable = trainable
+
+        self.backend = choose_backend(cfg.rollout.backend)
+        self.rollout = None
+        self._rollout_needs_sync = False
+
+    # ------------------------------------------------------------------------------------------
+    # construction
+
+    def _load(self, build, section, train: bool):
+        """Build a model; under ZeRO-3 it is built partitioned (``zero.Init`` through transformers)."""
+        if not self.zero3:
+            return build()
+        from transformers.integrations import HfDeepSpeedConfig
+
+        keep_alive = HfDeepSpeedConfig(deepspeed_config(self.cfg, section, train, self.dtype))  # noqa: F841
+        try:
+            return build()
+        finally:
+            del keep_alive
+
+    def _initialize(self, model, section, train: bool):
+        import deepspeed
+
+        config = deepspeed_config(self.cfg, section, train, self.dtype)
+        if train:
+            params = [p for p in model.parameters() if p.requires_grad]
+            engine, *_ = deepspeed.initialize(model=model, optimizer=_optimizer(params, section), config=config)
+        else:
+            engine, *_ = deepspeed.initialize(model=model, config=config)
+        return engine
+
+    def build_rollout(self):
+        """Create the rollout backend (vLLM is started after the DeepSpeed engines, as in verl)."""
+        r, m, t = self.cfg.rollout, self.cfg.model, self.cfg.trainer
+        with self.timer("init_rollout"):
+            if self.backend == "vllm":
+                self.rollout = VLLMRollout(
+                    self.actor_path, self.tokenizer_path, self.dtype,
+                    max_model_len=self.cfg.data.max_prompt_tokens + r.max_new_tokens,
+                    eos_ids=self.eos_ids, seed=t.seed + self.rank,
+                    gpu_memory_utilization=r.vllm_gpu_memory_utilization,
+                    tensor_parallel_size=r.tensor_parallel_size, enforce_eager=r.enforce_eager,
+                    trust_remote_code=m.trust_remote_code)
+                self._rollout_needs_sync = True
+            else:
+                self.rollout = HFRollout(self.actor, self.pad_token_id, self.eos_ids,
+                                         synced_gpus=self.zero3 and self.world_size > 1,
+                                         micro_batch_size=r.hf_micro_batch_size)
+        return self.rollout
+
+    # ------------------------------------------------------------------------------------------
+    # rollout
+
+    def mark_actor_updated(self):
+        self._rollout_needs_sync = self.backend == "vllm"
+
+    def iter_actor_weights(self):
+        """``(hf_name, full_tensor)`` for every actor parameter, gathered from ZeRO-3 in buckets of
+        ``rollout.sync_bucket_mb``; all ranks must consume it in lock-step."""
+        import deepspeed
+
+        named = list(self.actor.module.named_parameters())
+        if not self.zero3:
+            for name, param in named:
+                yield name, param.data
+            return
+        budget = self.cfg.rollout.sync_bucket_mb * 2**20
+        bucket, size = [], 0
+        for index, (name, param) in enumerate(named):
+            bucket.append((name, param))
+            size += param.ds_numel * param.element_size()
+            if size >= budget or index == len(named) - 1:
+                with deepspeed.zero.GatheredParameters([p for _, p in bucket]):
+                    tensors = [(n, p.data.detach().clone()) for n, p in bucket]
+                yield from tensors
+                bucket, size = [], 0
+
+    def sync_rollout_weights(self, force: bool = False):
+        """Push the actor's current weights into vLLM (in place) when they changed."""
+        if self.rollout is None or self.backend != "vllm" or not (self._rollout_needs_sync or force):
+            return
+        with self.timer("weight_sync"):
+            self.rollout.load_weights(self.iter_actor_weights())
+        self._rollout_needs_sync = False
+
+    def generate(self, prompts: list, seed: int, greedy: bool = False, n: int | None = None, max_new_tokens: int | None = None):
+        if self.rollout is None:
+            self.build_rollout()
+        self.sync_rollout_weights()
+        r = self.cfg.rollout
+        with self.timer("generate"):
+            return self.rollout.generate(prompts, n=n or r.n, temperature=r.temperature, top_p=r.top_p,
+                                         max_new_tokens=max_new_tokens or r.max_new_tokens, seed=seed, greedy=greedy)
+
+    # ------------------------------------------------------------------------------------------
+    # forward passes
+
+    def log_probs(self, engine, batch: SequenceBatch, with_entropy: bool = False):
+        """Next-token log-probs ``[B, T-1]`` of ``batch`` under ``engine`` (and entropies)."""
+        batch = batch.to(self.device)
+        logits = engine(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
+        labels = batch.input_ids[:, 1:]
+        log_probs = token_log_probs(logits, labels)
+        entropy = token_entropy(logits) if with_entropy else None
+        return log_probs, entropy
+
+    @torch.no_grad()
+    def log_probs_no_grad(self, engine, batch: SequenceBatch, micro_batch_size: int) -> torch.Tensor:
+        """Log-probs of the whole batch in micro-batches, padded back to the batch width."""
+        out = torch.zeros(batch.input_ids.shape[0], batch.input_ids.shape[1] - 1)
+        for start in range(0, len(batch), micro_batch_size):
+            part = batch.slice(start, start + micro_batch_size)
+            values, _ = self.log_probs(engine, part)
+            out[start : start + len(part), : values.shape[1]] = values.float().cpu()
+        return out
+
+    def scores(self, batch: SequenceBatch) -> torch.Tensor:
+        batch = batch.to(self.device)
+        return self.critic(batch.input_ids, batch.attention_mask, batch.last_index)
+
+    @torch.no_grad()
+    def scores_no_grad(self, batch: SequenceBatch, micro_batch_size: int) -> torch.Tensor:
+        return torch.cat([self.scores(batch.slice(s, s + micro_batch_size)).float().cpu()
+                          for s in range(0, len(batch), micro_batch_size)])
+
+    # ------------------------------------------------------------------------------------------
+    # optimisation
+
+    @staticmethod
+    def accumulate(engine, micro_steps: list) -> float:
+        """Run each closure of ``micro_steps`` (a forward that returns its micro-batch's share of
+        the batch loss), backward it, and take one optimizer step at the last one; returns the
+        batch loss. Gradient-accumulation boundaries are set by hand, so the number of
+        micro-batches may vary from step to step."""
+        if not micro_steps:
+            raise ValueError("accumulate() needs at least one micro-batch")
+        total = 0.0
+        for index, forward in enumerate(micro_steps):
+            engine.set_gradient_accumulation_boundary(index == len(micro_steps) - 1)
+            loss = forward()
+            engine.backward(loss, scale_wrt_gas=False)
+            total += float(loss.detach())
+        engine.step()
+        return total
+
+    def eval_mode(self):
+        for engine in (self.actor, self.critic):
+            if engine is not None:
+                engine.eval()
+
+    def train_mode(self):
+        self.actor.train()
+        if self.critic is not None and self.critic_trainable:
+            self.critic.train()

@@ -1,0 +1,89 @@
+"""Training metrics out: TensorBoard, ``metrics.jsonl`` and the console (with a progress bar).
+
+Only rank 0 writes. ``metrics.jsonl`` holds one JSON object per logged step; on resume from step
+``k`` the lines of steps after ``k`` (logged by the run that died) are dropped first, so a resumed
+run's log equals an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+logger = logging.getLogger("gadchat")
+
+CONSOLE_KEYS = ("critic/d_loss", "critic/d_acc", "critic/teacher_score", "critic/student_score", "actor/sft_loss",
+                "actor/pg_loss", "actor/kl", "reward/mean", "response_length/mean", "eval/rouge_l",
+                "throughput/tokens_per_s", "time/step")
+
+
+def read_metrics(output_dir) -> list:
+    path = Path(output_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    rows = []
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # a torn last line from a killed run
+                break
+    return rows
+
+
+class MetricsLogger:
+    def __init__(self, output_dir, enabled: bool, tensorboard: bool, progress: bool, total: int, start: int, stage: str):
+        self.enabled = enabled
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self.writer = None
+        self.bar = None
+        if not enabled:
+            return
+        kept = [row for row in read_metrics(output_dir) if row.get("step", 0) <= start]
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        with open(tmp, "w", encoding="utf-8") as handle:
+            for row in kept:
+                handle.write(json.dumps(row) + "\n")
+        os.replace(tmp, self.path)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(Path(output_dir) / "tensorboard"), purge_step=start + 1)
+            except ImportError:
+                logger.warning("tensorboard is not installed; logging to metrics.jsonl and the console only")
+        if progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=start, desc=stage, dynamic_ncols=True)
+
+    def log(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        row = {"step": step, **{k: float(v) for k, v in metrics.items()}}
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(row) + "\n")
+            handle.flush()
+        if self.writer is not None:
+            for key, value in metrics.items():
+                self.writer.add_scalar(key, value, step)
+            self.writer.flush()
+        shown = {k.split("/")[-1]: f"{metrics[k]:.4g}" for k in CONSOLE_KEYS if k in metrics}
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(shown, refresh=False)
+            self.bar.write(f"step {step}: " + " ".join(f"{k}={v}" for k, v in shown.items()))
+        else:
+            logger.info("step %d: %s", step, " ".join(f"{k}={v}" for k, v in shown.items()))
+
+    def advance(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.close()

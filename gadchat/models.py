@@ -1,0 +1,133 @@
+"""Model loading: the student (actor), its frozen reference, and the discriminator.
+
+The discriminator is the student's backbone plus a scalar head: exactly transformers'
+``AutoModelForSequenceClassification`` with ``num_labels=1`` built from the student's weights, so it
+exports as a standard reward-model folder. Training scores it ourselves at the last valid response
+token (the EOS), which is where that class pools too when padding uses a pad token distinct from
+the EOS (DESIGN.md section 2).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from gadchat import runtime
+
+BUILTIN_PREFIX = "builtin:"
+BUILTIN_SHAPES = {
+    # name: kwargs of gadchat.tiny.build_tiny_model
+    "tiny": dict(hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, vocab_size=1024),
+    "small": dict(hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=4, intermediate_size=1408, vocab_size=4096),
+}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("GADCHAT_CACHE", Path.home() / ".cache" / "gadchat"))
+
+
+def resolve_model_path(path: str) -> str:
+    """Turn ``builtin:NAME`` into a local folder (built once, on rank 0, then shared)."""
+    if not path.startswith(BUILTIN_PREFIX):
+        return path
+    name = path[len(BUILTIN_PREFIX):]
+    if name not in BUILTIN_SHAPES:
+        raise ValueError(f"unknown builtin model {path!r}; known: {', '.join(BUILTIN_PREFIX + k for k in BUILTIN_SHAPES)}")
+    from gadchat.tiny import ensure_tiny_model
+
+    folder = cache_dir() / f"builtin-{name}"
+    if runtime.is_rank0():
+        ensure_tiny_model(folder, **BUILTIN_SHAPES[name])
+    runtime.barrier()
+    return str(folder)
+
+
+def attn_implementation(requested: str) -> str:
+    if requested != "auto":
+        return requested
+    if runtime.has_cuda() and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        raise ValueError(
+            f"tokenizer at {path} has no pad token; GAD pads batches with a pad token distinct from the EOS "
+            "(Qwen2.5 uses <|endoftext|>). Add one to the tokenizer folder."
+        )
+    if tokenizer.pad_token_id == tokenizer.eos_token_id:
+        raise ValueError(f"tokenizer at {path}: pad token equals the EOS; the discriminator must not pool at padding")
+    return tokenizer
+
+
+def load_causal_lm(path: str, dtype: torch.dtype, attn: str, gradient_checkpointing: bool = False,
+                   trust_remote_code: bool = False):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype, attn_implementation=attn, trust_remote_code=trust_remote_code
+    )
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    return model
+
+
+class Discriminator(nn.Module):
+    """``D(x, y)``: the sequence-classification model's head output at the last valid token.
+
+    No sigmoid, no length normalisation. ``forward`` returns one score per sequence.
+    """
+
+    def __init__(self, seqcls_model: nn.Module):
+        super().__init__()
+        self.seqcls = seqcls_model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, last_index: torch.Tensor) -> torch.Tensor:
+        backbone = self.seqcls.base_model
+        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        pooled = hidden[rows, last_index]
+        return self.seqcls.score(pooled).squeeze(-1).float()
+
+
+def load_discriminator(path: str, pad_token_id: int, dtype: torch.dtype, attn: str, head_init_std: float = 0.0,
+                       seed: int = 0, gradient_checkpointing: bool = False, trust_remote_code: bool = False) -> Discriminator:
+    """Backbone from ``path`` (a causal-LM or an exported discriminator) plus a scalar ``score`` head.
+
+    A head missing from the checkpoint is initialised explicitly, ``N(0, std)`` with a seeded
+    generator and gathered under ZeRO-3: partitioned parameters skip transformers' default init.
+    """
+    import deepspeed
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    has_head = getattr(config, "num_labels", None) == 1 and any(
+        arch.endswith("ForSequenceClassification") for arch in (getattr(config, "architectures", None) or [])
+    )
+    config.num_labels = 1
+    config.pad_token_id = pad_token_id
+    model = AutoModelForSequenceClassification.from_pretrained(
+        path, config=config, dtype=dtype, attn_implementation=attn, trust_remote_code=trust_remote_code
+    )
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    if not has_head:
+        weight = model.score.weight
+        std = head_init_std or 1.0 / math.sqrt(config.hidden_size + 1)
+        with deepspeed.zero.GatheredParameters([weight], modifier_rank=0):
+            if runtime.is_rank0() or not hasattr(weight, "ds_id"):
+                generator = torch.Generator().manual_seed(seed)
+                fresh = torch.randn(weight.shape, generator=generator, dtype=torch.float32) * std
+                weight.data.copy_(fresh.to(weight.dtype))
+    return Discriminator(model)

@@ -1,0 +1,12 @@
+"""GAD-Chat seqkd stage: see gadchat/trainer.py (StageTrainer.seqkd_step) for the loop and
+`python training/step1_seqkd/main.py --help` for every flag."""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
+
+from gadchat.cli import main_for  # noqa: E402
+
+if __name__ == "__main__":
+    main_for("seqkd")

@@ -1,0 +1,12 @@
+"""GAD-Chat gad stage: see gadchat/trainer.py (StageTrainer.gad_step) for the loop and
+`python training/step3_gad/main.py --help` for every flag."""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
+
+from gadchat.cli import main_for  # noqa: E402
+
+if __name__ == "__main__":
+    main_for("gad")
