@@ -1,0 +1,291 @@
+"""Evaluate one or several models on teacher-data sets: ROUGE-L F1 and the paper's LLM-judge score.
+
+    python -m applications.evaluate --models seqkd=outputs/seqkd gad=outputs/gad --eval-sets heldout \
+        --judge-base-url https://api.openai.com/v1 --judge-model gpt-4o --output-dir eval_out
+
+Models: ``LABEL=PATH`` or ``PATH`` (label = folder name); PATH is an exported model folder, a
+training output dir (its ``final/actor``) or a hub id. Eval sets: ``heldout`` (the shipped
+``data/alpaca_eval_gpt4o/test.jsonl``), or ``NAME=FILE`` / ``FILE`` in the published layout
+(``content`` messages + ``teacher_response``; other keys via ``--prompt-key`` / ``--response-key``).
+
+Every model answers every prompt greedily. Metrics per set and model:
+
+* ROUGE-L F1 (x100) of the answer against the teacher response (``rouge-score``, stemming on);
+* judge score (only with ``--judge-base-url``): mean over prompts of
+  ``s_student / (s_student + s_reference) x 100``, where the judge model grades (1-10) the
+  student's answer and its own reference answer (see :mod:`gadchat.judge`). Unreadable grades and
+  failed judge requests are counted in the table and left out of the mean.
+
+Writes ``results.md`` (one markdown table per set, all models as rows; also printed),
+``results.json`` and ``generations.jsonl`` (every answer with its scores and judge replies) to
+``--output-dir``. The judge's API key is read from the variable named by ``--judge-api-key-env``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gadchat.config import DataConfig
+from gadchat.data import DataError, read_prompts
+from gadchat.generation import BACKENDS, GenerationSettings, Generator, resolve_model_path
+from gadchat.judge import Judge, Verdict, judge_score, load_judge_template, mean_judge_score, run_parallel
+from gadchat.rouge import rouge_l_f1
+from gadchat.teacher_api import ChatEndpoint, SamplingSettings
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+EVAL_SET_ALIASES = {"heldout": REPO_ROOT / "data" / "alpaca_eval_gpt4o" / "test.jsonl"}
+
+
+@dataclass
+class EvalSet:
+    name: str
+    spec: str
+    rows: list = field(default_factory=list)
+    """``(source, row, messages, teacher_response)`` tuples."""
+
+
+def parse_model_specs(specs: list) -> list[tuple[str, str]]:
+    """``LABEL=PATH`` or ``PATH`` -> ``(label, path)``; labels must be unique."""
+    models = []
+    for spec in specs:
+        label, sep, path = spec.partition("=")
+        if not sep:
+            path = spec
+            resolved = Path(spec)
+            label = resolved.parent.parent.name if resolved.parts[-2:] == ("final", "actor") else resolved.name
+            label = label or spec
+        if not label or not path:
+            raise ValueError(f"--models entry {spec!r}: expected LABEL=PATH or PATH")
+        models.append((label, path))
+    labels = [label for label, _ in models]
+    duplicates = sorted({label for label in labels if labels.count(label) > 1})
+    if duplicates:
+        raise ValueError(f"duplicate model label(s) {', '.join(duplicates)}: name them with LABEL=PATH")
+    return models
+
+
+def parse_eval_sets(specs: list) -> list[EvalSet]:
+    sets = []
+    for spec in specs:
+        if spec in EVAL_SET_ALIASES:
+            sets.append(EvalSet(spec, str(EVAL_SET_ALIASES[spec])))
+            continue
+        name, sep, path = spec.partition("=")
+        if not sep:
+            path, name = spec, Path(spec.rstrip("/")).stem or spec
+        sets.append(EvalSet(name, path))
+    names = [s.name for s in sets]
+    if len(set(names)) != len(names):
+        raise ValueError(f"eval set names must be unique, got {names}: name them with NAME=FILE")
+    return sets
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m applications.evaluate",
+                                     description="ROUGE-L and LLM-judge evaluation of one or several models.")
+    parser.add_argument("--models", nargs="+", required=True, help="LABEL=PATH or PATH (model folder, training output dir, hub id)")
+    parser.add_argument("--eval-sets", nargs="+", default=["heldout"], help="heldout, NAME=FILE or FILE (published layout)")
+    parser.add_argument("--output-dir", required=True)
+    data = parser.add_argument_group("data")
+    data.add_argument("--prompt-key", default="content")
+    data.add_argument("--response-key", default="teacher_response")
+    data.add_argument("--system-prompt", default="")
+    data.add_argument("--max-prompts", type=int, default=0, help="first N prompts of each set (0 = all)")
+    gen = parser.add_argument_group("generation (greedy)")
+    gen.add_argument("--backend", default="auto", choices=BACKENDS, help="auto = vllm where installed, else hf")
+    gen.add_argument("--max-new-tokens", type=int, default=1536)
+    gen.add_argument("--dtype", default="auto")
+    gen.add_argument("--max-model-len", type=int, default=None, help="vLLM context length")
+    gen.add_argument("--batch-size", type=int, default=16, help="sequences per transformers generate call")
+    judge = parser.add_argument_group("judge (optional; empty --judge-base-url = ROUGE-L only)")
+    judge.add_argument("--judge-base-url", default="")
+    judge.add_argument("--judge-model", default="gpt-4o")
+    judge.add_argument("--judge-api-key-env", default="OPENAI_API_KEY")
+    judge.add_argument("--judge-prompt", default="", help="judge prompt template with {question} and {answer}")
+    judge.add_argument("--judge-concurrency", type=int, default=8)
+    judge.add_argument("--judge-timeout", type=float, default=120.0)
+    judge.add_argument("--judge-max-retries", type=int, default=6)
+    judge.add_argument("--judge-backoff-base", type=float, default=1.0)
+    judge.add_argument("--judge-reference-max-tokens", type=int, default=2048)
+    judge.add_argument("--judge-grade-max-tokens", type=int, default=1024)
+    parser.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def _mean(values):
+    values = list(values)
+    return sum(values) / len(values) if values else None
+
+
+def _fmt(value, digits=2):
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def markdown_tables(results: dict, sets: list[EvalSet], labels: list[str], judged: bool) -> str:
+    lines = []
+    for eval_set in sets:
+        lines.append(f"### {eval_set.name} ({eval_set.spec}, {len(eval_set.rows)} prompts)")
+        lines.append("")
+        header = ["model", "ROUGE-L F1 x100"]
+        if judged:
+            header += ["judge score", "mean grade student / reference", "judged", "unparsed", "failed"]
+        header += ["mean new tokens", "truncated"]
+        lines.append("| " + " | ".join(header) + " |")
+        lines.append("|" + "---|" * len(header))
+        for label in labels:
+            m = results[eval_set.name][label]
+            cells = [label, _fmt(m["rouge_l"])]
+            if judged:
+                cells += [_fmt(m["judge_score"]),
+                          f"{_fmt(m['mean_student_grade'])} / {_fmt(m['mean_reference_grade'])}",
+                          str(m["judged"]), str(m["judge_unparsed"]), str(m["judge_failed"])]
+            cells += [_fmt(m["mean_new_tokens"], 1), f"{100 * m['truncated_fraction']:.0f}%"]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    progress = not args.no_progress
+    try:
+        models = parse_model_specs(args.models)
+        sets = parse_eval_sets(args.eval_sets)
+        data_cfg = DataConfig(prompt_key=args.prompt_key, response_key=args.response_key, system_prompt=args.system_prompt)
+        for eval_set in sets:
+            eval_set.rows = read_prompts(data_cfg, eval_set.spec, require_response=True)
+            if args.max_prompts:
+                eval_set.rows = eval_set.rows[: args.max_prompts]
+        judge = None
+        if args.judge_base_url:
+            endpoint = ChatEndpoint(args.judge_base_url, args.judge_model, api_key_env=args.judge_api_key_env,
+                                    sampling=SamplingSettings(temperature=0.0), timeout=args.judge_timeout,
+                                    max_retries=args.judge_max_retries, backoff_base=args.judge_backoff_base)
+            judge = Judge(endpoint, load_judge_template(args.judge_prompt or None),
+                          args.judge_reference_max_tokens, args.judge_grade_max_tokens)
+        for _, path in models:
+            resolve_model_path(path)
+    except (DataError, ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    out_dir = Path(args.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    # 1. Greedy answers of every model to every prompt of every set (one engine per model).
+    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=0.0, n=1)
+    all_prompts = [(eval_set, row) for eval_set in sets for row in eval_set.rows]
+    answers = {}  # (set name, label) -> list of Completion
+    timings = {}
+    for label, path in models:
+        print(f"[evaluate] generating with {label} ({path}) on {len(all_prompts)} prompts", file=sys.stderr, flush=True)
+        started = time.time()
+        generator = Generator(path, backend=args.backend, dtype=args.dtype, max_model_len=args.max_model_len,
+                              batch_size=args.batch_size)
+        completions = [group[0] for group in generator.generate([row[2] for _, row in all_prompts], settings, progress)]
+        generator.close()
+        timings[label] = round(time.time() - started, 2)
+        position = 0
+        for eval_set in sets:
+            answers[(eval_set.name, label)] = completions[position : position + len(eval_set.rows)]
+            position += len(eval_set.rows)
+
+    # 2. Judge: a reference answer per prompt (shared by all models), its grade, each model's grade.
+    references, reference_verdicts, student_verdicts = {}, {}, {}
+    if judge is not None:
+        where = lambda s, row: f"set {s.name}, {row[0]} row {row[1]}"  # noqa: E731
+        reference_items = [(row[2], where(s, row) + " (reference answer)") for s, row in all_prompts]
+        reference_out = run_parallel(judge.reference_answer, reference_items, args.judge_concurrency,
+                                     "judge: reference answers", progress)
+        grade_items, grade_keys = [], []
+        for (eval_set, row), (reference, error) in zip(all_prompts, reference_out):
+            key = (eval_set.name, row[0], row[1])
+            references[key] = (reference, error)
+            if reference is not None:
+                grade_items.append((row[2], reference, where(eval_set, row) + " (grading the reference)"))
+                grade_keys.append(("reference", key))
+        for eval_set in sets:
+            for label, _ in models:
+                for row, completion in zip(eval_set.rows, answers[(eval_set.name, label)]):
+                    grade_items.append((row[2], completion.text, where(eval_set, row) + f" (grading {label})"))
+                    grade_keys.append((label, (eval_set.name, row[0], row[1])))
+        verdicts = run_parallel(judge.grade, grade_items, args.judge_concurrency, "judge: grades", progress)
+        for (who, key), verdict in zip(grade_keys, verdicts):
+            (reference_verdicts if who == "reference" else student_verdicts)[key if who == "reference" else (who, key)] = verdict
+        for key, (reference, error) in references.items():
+            if reference is None:
+                reference_verdicts[key] = Verdict(None, "", f"no reference answer: {error}")
+
+    # 3. Metrics, generations.jsonl, tables.
+    results = {}
+    with open(out_dir / "generations.jsonl", "w", encoding="utf-8") as handle:
+        for eval_set in sets:
+            results[eval_set.name] = {}
+            for label, path in models:
+                rouge_scores, grade_pairs, unparsed, failed = [], [], 0, 0
+                student_grades, reference_grades = [], []
+                completions = answers[(eval_set.name, label)]
+                for row, completion in zip(eval_set.rows, completions):
+                    source, number, messages, teacher_response = row
+                    rouge = rouge_l_f1(completion.text, teacher_response)
+                    rouge_scores.append(rouge)
+                    record = {"set": eval_set.name, "model": label, "source": source, "row": number,
+                              "prompt": messages, "teacher_response": teacher_response,
+                              "generation": completion.text, "finish_reason": completion.finish_reason,
+                              "num_tokens": completion.num_tokens, "rouge_l": rouge}
+                    if judge is not None:
+                        key = (eval_set.name, source, number)
+                        student, reference = student_verdicts.get((label, key)), reference_verdicts[key]
+                        if student is None:  # not graded: the reference answer is missing
+                            student = Verdict(None, "", reference.error)
+                        if reference.status == "failed" or student.status == "failed":
+                            failed += 1
+                        elif reference.status == "unparsed" or student.status == "unparsed":
+                            unparsed += 1
+                        else:
+                            grade_pairs.append((student.grade, reference.grade))
+                            student_grades.append(student.grade)
+                            reference_grades.append(reference.grade)
+                        both = student.grade is not None and reference.grade is not None
+                        record["judge"] = {
+                            "score": judge_score(student.grade, reference.grade) if both else None,
+                            "status": "ok" if both else (student.status if student.status != "ok" else reference.status),
+                            "student_grade": student.grade, "reference_grade": reference.grade,
+                            "reference_answer": references[key][0],
+                            "student_reply": student.reply, "reference_reply": reference.reply,
+                            "error": student.error or reference.error,
+                        }
+                    handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+                mean_score, judged = mean_judge_score(grade_pairs)
+                results[eval_set.name][label] = {
+                    "model_path": path, "prompts": len(completions),
+                    "rouge_l": 100 * _mean(rouge_scores) if rouge_scores else None,
+                    "judge_score": mean_score, "judged": judged, "judge_unparsed": unparsed, "judge_failed": failed,
+                    "mean_student_grade": _mean(student_grades), "mean_reference_grade": _mean(reference_grades),
+                    "mean_new_tokens": _mean(c.num_tokens for c in completions) or 0.0,
+                    "truncated_fraction": _mean(c.finish_reason == "length" for c in completions) or 0.0,
+                    "generation_seconds_all_sets": timings[label],
+                }
+    labels = [label for label, _ in models]
+    table = markdown_tables(results, sets, labels, judge is not None)
+    (out_dir / "results.md").write_text(table, encoding="utf-8")
+    summary = {
+        "results": results,
+        "eval_sets": {s.name: {"spec": s.spec, "prompts": len(s.rows)} for s in sets},
+        "models": dict(models),
+        "settings": {"max_new_tokens": args.max_new_tokens, "greedy": True, "backend": args.backend,
+                     "judge_model": args.judge_model if judge else None,
+                     "judge_prompt": str(args.judge_prompt or "default") if judge else None},
+    }
+    (out_dir / "results.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False), encoding="utf-8")
+    print(table)
+    print(f"[evaluate] wrote {out_dir / 'results.md'}, {out_dir / 'results.json'}, {out_dir / 'generations.jsonl'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
