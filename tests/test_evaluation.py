@@ -16,15 +16,15 @@ GRADING_MARK = "[The Start of Assistant's Answer]"
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
+def tiny_chat_model(tmp_path_factory):
     return ensure_tiny_model(tmp_path_factory.getbasetemp() / "tiny_model_shared")
 
 
 @pytest.fixture(scope="module")
-def training_output_dir(tiny_model, tmp_path_factory):
+def training_output_dir(tiny_chat_model, tmp_path_factory):
     """A training output dir whose exported actor lives in final/actor."""
     run = tmp_path_factory.mktemp("gad_run")
-    shutil.copytree(tiny_model, run / "final" / "actor")
+    shutil.copytree(tiny_chat_model, run / "final" / "actor")
     return run
 
 
@@ -55,13 +55,13 @@ def judge_responder(body, index):
     return "Mostly noise. Rating: [[4]]"
 
 
-def test_evaluate_two_models_two_sets_with_judge(tiny_model, training_output_dir, custom_set, tmp_path, monkeypatch,
+def test_evaluate_two_models_two_sets_with_judge(tiny_chat_model, training_output_dir, custom_set, tmp_path, monkeypatch,
                                                  capsys):
     monkeypatch.setenv("JUDGE_API_KEY", JUDGE_KEY)
     out = tmp_path / "eval"
     with FakeOpenAIServer(responder=judge_responder) as server:
         code = evaluate.main([
-            "--models", f"student={tiny_model}", f"gad={training_output_dir}",
+            "--models", f"student={tiny_chat_model}", f"gad={training_output_dir}",
             "--eval-sets", "heldout", f"custom={custom_set}", "--max-prompts", "3",
             "--max-new-tokens", "12", "--backend", "hf", "--output-dir", str(out),
             "--judge-base-url", server.base_url, "--judge-model", "judge-4o", "--judge-api-key-env", "JUDGE_API_KEY",
@@ -117,12 +117,12 @@ def test_evaluate_two_models_two_sets_with_judge(tiny_model, training_output_dir
     assert JUDGE_KEY not in printed
 
 
-def test_evaluate_counts_failed_judge_requests(tiny_model, custom_set, tmp_path, monkeypatch, capsys):
+def test_evaluate_counts_failed_judge_requests(tiny_chat_model, custom_set, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("OPENAI_API_KEY", JUDGE_KEY)
     monkeypatch.setattr(judge_responder, "fail_colour", True, raising=False)
     out = tmp_path / "eval"
     with FakeOpenAIServer(responder=judge_responder) as server:
-        code = evaluate.main(["--models", str(tiny_model), "--eval-sets", str(custom_set), "--max-new-tokens", "8",
+        code = evaluate.main(["--models", str(tiny_chat_model), "--eval-sets", str(custom_set), "--max-new-tokens", "8",
                               "--backend", "hf", "--output-dir", str(out), "--judge-base-url", server.base_url,
                               "--judge-backoff-base", "0.01", "--judge-max-retries", "1", "--no-progress"])
     assert code == 0
@@ -136,9 +136,9 @@ def test_evaluate_counts_failed_judge_requests(tiny_model, custom_set, tmp_path,
     assert "HTTP 500" in failed["judge"]["error"]
 
 
-def test_evaluate_rouge_only_without_judge_and_clear_errors(tiny_model, custom_set, tmp_path, capsys):
+def test_evaluate_rouge_only_without_judge_and_clear_errors(tiny_chat_model, custom_set, tmp_path, capsys):
     out = tmp_path / "eval"
-    assert evaluate.main(["--models", f"tiny={tiny_model}", "--eval-sets", f"mine={custom_set}", "--max-new-tokens", "8",
+    assert evaluate.main(["--models", f"tiny={tiny_chat_model}", "--eval-sets", f"mine={custom_set}", "--max-new-tokens", "8",
                           "--backend", "hf", "--output-dir", str(out), "--no-progress"]) == 0
     table = (out / "results.md").read_text()
     assert "judge" not in table and "| tiny |" in table
@@ -150,12 +150,12 @@ def test_evaluate_rouge_only_without_judge_and_clear_errors(tiny_model, custom_s
 
     bad_set = tmp_path / "bad.jsonl"
     bad_set.write_text(json.dumps({"content": "a prompt", "output": "no teacher_response field"}) + "\n")
-    assert evaluate.main(["--models", str(tiny_model), "--eval-sets", str(bad_set), "--output-dir", str(out)]) == 2
+    assert evaluate.main(["--models", str(tiny_chat_model), "--eval-sets", str(bad_set), "--output-dir", str(out)]) == 2
     err = capsys.readouterr().err
     assert f"{bad_set}, row 1, field 'teacher_response': missing field" in err
     empty_dir = tmp_path / "not_a_model"
     empty_dir.mkdir()
     assert evaluate.main(["--models", str(empty_dir), "--eval-sets", str(custom_set), "--output-dir", str(out)]) == 2
     assert "holds no config.json" in capsys.readouterr().err
-    assert evaluate.main(["--models", f"a={tiny_model}", f"a={tiny_model}", "--output-dir", str(out)]) == 2
+    assert evaluate.main(["--models", f"a={tiny_chat_model}", f"a={tiny_chat_model}", "--output-dir", str(out)]) == 2
     assert "duplicate model label(s) a" in capsys.readouterr().err
