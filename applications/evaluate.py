@@ -18,7 +18,8 @@ Every model answers every prompt greedily. Metrics per set and model:
 
 Writes ``results.md`` (one markdown table per set, all models as rows; also printed),
 ``results.json`` and ``generations.jsonl`` (every answer with its scores and judge replies) to
-``--output-dir``. The judge's API key is read from the variable named by ``--judge-api-key-env``.
+``--output-dir``. The judge's reference answers and their grades are cached in
+``judge_references.jsonl`` there (or ``--judge-cache``): reruns and later comparisons reuse them. The judge's API key is read from the variable named by ``--judge-api-key-env``.
 """
 
 from __future__ import annotations
@@ -33,9 +34,17 @@ from pathlib import Path
 from gadchat.config import DataConfig
 from gadchat.data import DataError, read_prompts
 from gadchat.generation import BACKENDS, GenerationSettings, Generator, resolve_model_path
-from gadchat.judge import Judge, Verdict, judge_score, load_judge_template, mean_judge_score, run_parallel
+from gadchat.judge import (
+    Judge,
+    Verdict,
+    judge_score,
+    load_judge_template,
+    mean_judge_score,
+    reference_cache_key,
+    run_parallel,
+)
 from gadchat.rouge import rouge_l_f1
-from gadchat.teacher_api import ChatEndpoint, SamplingSettings
+from gadchat.teacher_api import ChatEndpoint, JsonlAppender, SamplingSettings, recover_jsonl
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EVAL_SET_ALIASES = {"heldout": REPO_ROOT / "data" / "alpaca_eval_gpt4o" / "test.jsonl"}
@@ -113,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     judge.add_argument("--judge-backoff-base", type=float, default=1.0)
     judge.add_argument("--judge-reference-max-tokens", type=int, default=2048)
     judge.add_argument("--judge-grade-max-tokens", type=int, default=1024)
+    judge.add_argument("--judge-cache", default="",
+                       help="JSON lines of reference answers + grades to reuse (default: OUTPUT_DIR/judge_references.jsonl)")
     parser.add_argument("--no-progress", action="store_true")
     return parser
 
@@ -198,27 +209,53 @@ def main(argv=None) -> int:
     references, reference_verdicts, student_verdicts = {}, {}, {}
     if judge is not None:
         where = lambda s, row: f"set {s.name}, {row[0]} row {row[1]}"  # noqa: E731
-        reference_items = [(row[2], where(s, row) + " (reference answer)") for s, row in all_prompts]
-        reference_out = run_parallel(judge.reference_answer, reference_items, args.judge_concurrency,
-                                     "judge: reference answers", progress)
+        prompt_key = lambda s, row: (s.name, row[0], row[1])  # noqa: E731
+        # Reference answers and their grades are cached (judge model + template + prompt), so a rerun or
+        # a later evaluation of another model against the same cache uses the very same references.
+        cache_path = Path(args.judge_cache) if args.judge_cache else out_dir / "judge_references.jsonl"
+        cache = {entry["cache_key"]: entry for entry in recover_jsonl(cache_path) if "cache_key" in entry}
+        cache_keys = {prompt_key(s, row): reference_cache_key(args.judge_model, judge.template, row[2])
+                      for s, row in all_prompts}
+        missing = []
+        for s, row in all_prompts:
+            entry = cache.get(cache_keys[prompt_key(s, row)])
+            if entry is None:
+                missing.append((s, row))
+            else:
+                references[prompt_key(s, row)] = (entry["reference_answer"], "")
+                reference_verdicts[prompt_key(s, row)] = Verdict(entry["reference_grade"], entry["reference_reply"])
+        if len(missing) < len(all_prompts):
+            print(f"[evaluate] {len(all_prompts) - len(missing)} reference answers and grades from {cache_path}",
+                  file=sys.stderr, flush=True)
+        reference_out = run_parallel(judge.reference_answer, [(row[2], where(s, row) + " (reference answer)")
+                                                              for s, row in missing],
+                                     args.judge_concurrency, "judge: reference answers", progress)
         grade_items, grade_keys = [], []
-        for (eval_set, row), (reference, error) in zip(all_prompts, reference_out):
-            key = (eval_set.name, row[0], row[1])
+        for (eval_set, row), (reference, error) in zip(missing, reference_out):
+            key = prompt_key(eval_set, row)
             references[key] = (reference, error)
-            if reference is not None:
+            if reference is None:
+                reference_verdicts[key] = Verdict(None, "", f"no reference answer: {error}")
+            else:
                 grade_items.append((row[2], reference, where(eval_set, row) + " (grading the reference)"))
                 grade_keys.append(("reference", key))
         for eval_set in sets:
             for label, _ in models:
                 for row, completion in zip(eval_set.rows, answers[(eval_set.name, label)]):
                     grade_items.append((row[2], completion.text, where(eval_set, row) + f" (grading {label})"))
-                    grade_keys.append((label, (eval_set.name, row[0], row[1])))
+                    grade_keys.append((label, prompt_key(eval_set, row)))
         verdicts = run_parallel(judge.grade, grade_items, args.judge_concurrency, "judge: grades", progress)
-        for (who, key), verdict in zip(grade_keys, verdicts):
-            (reference_verdicts if who == "reference" else student_verdicts)[key if who == "reference" else (who, key)] = verdict
-        for key, (reference, error) in references.items():
-            if reference is None:
-                reference_verdicts[key] = Verdict(None, "", f"no reference answer: {error}")
+        with JsonlAppender(cache_path) as cache_out:
+            for (who, key), verdict in zip(grade_keys, verdicts):
+                if who != "reference":
+                    student_verdicts[(who, key)] = verdict
+                    continue
+                reference_verdicts[key] = verdict
+                if verdict.status == "ok":
+                    cache_out.append({"cache_key": cache_keys[key], "judge_model": args.judge_model,
+                                      "prompt": next(row[2] for s, row in all_prompts if prompt_key(s, row) == key),
+                                      "reference_answer": references[key][0], "reference_grade": verdict.grade,
+                                      "reference_reply": verdict.reply})
 
     # 3. Metrics, generations.jsonl, tables.
     results = {}

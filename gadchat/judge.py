@@ -17,6 +17,8 @@ is left out of the mean: it is never scored as zero.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -77,6 +79,12 @@ def load_judge_template(path: str | Path | None = None) -> str:
     if missing:
         raise ValueError(f"judge prompt {path} lacks the placeholder(s) {', '.join(missing)}")
     return template
+
+
+def reference_cache_key(judge_model: str, template: str, messages: list) -> str:
+    """sha256 of the judge model, the judge template and the prompt messages (canonical JSON)."""
+    canonical = json.dumps([judge_model, template, messages], sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
 def format_question(messages: list) -> str:

@@ -112,9 +112,20 @@ def test_evaluate_two_models_two_sets_with_judge(tiny_chat_model, training_outpu
     for g in generations:
         by_key.setdefault((g["set"], g["row"]), set()).add(g["generation"])
     assert all(len(texts) == 1 for texts in by_key.values())
+    assert len((out / "judge_references.jsonl").read_text().splitlines()) == 5
     for path in out.rglob("*"):
         assert JUDGE_KEY not in path.read_text()
     assert JUDGE_KEY not in printed
+
+    # a rerun reuses the cached reference answers and grades: only the student is graded
+    with FakeOpenAIServer(responder=judge_responder) as server:
+        assert evaluate.main(["--models", f"again={tiny_chat_model}", "--eval-sets", "heldout", "--max-prompts", "3",
+                              "--max-new-tokens", "12", "--backend", "hf", "--output-dir", str(out),
+                              "--judge-base-url", server.base_url, "--judge-model", "judge-4o",
+                              "--judge-api-key-env", "JUDGE_API_KEY", "--no-progress"]) == 0
+        assert len(server.chat_requests()) == 3
+    rerun = json.loads((out / "results.json").read_text())["results"]["heldout"]["again"]
+    assert rerun["judge_score"] == pytest.approx(expected) and rerun["judged"] == 3
 
 
 def test_evaluate_counts_failed_judge_requests(tiny_chat_model, custom_set, tmp_path, monkeypatch, capsys):
