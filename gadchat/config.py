@@ -135,6 +135,10 @@ class TrainerConfig:
     eval_prompts: int = 16
     tensorboard: bool = True
     progress_bar: bool = True
+    log_param_digest: bool = False
+    """Log ``digest/actor`` and ``digest/critic`` (sums over all weights) each step: which models moved."""
+    verify_rollout_sync: bool = False
+    """After each weight push, check that vLLM's greedy output equals the actor's own (slow; a debug aid)."""
     export_hf: bool = True
     """Write Hugging Face folders of the final actor (and discriminator) into output_dir/final."""
 

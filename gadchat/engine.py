@@ -339,6 +339,35 @@ class HybridEngine:
         engine.step()
         return total
 
+    @torch.no_grad()
+    def param_digest(self, engine) -> float:
+        """``sum(w) + sum(w^2)`` over every weight in float64, summed over the ZeRO-3 shards: equal
+        digests mean untouched weights (a changed float never cancels out exactly in practice)."""
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        for param in engine.module.parameters():
+            data = param.ds_tensor if hasattr(param, "ds_tensor") else param.data
+            values = data.double()
+            total += values.sum() + (values * values).sum()
+        if self.zero3 and self.world_size > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(total)
+        return float(total)
+
+    @torch.no_grad()
+    def rollout_matches_actor(self, prompts: list, max_new_tokens: int) -> float:
+        """Fraction of ``prompts`` on which the rollout engine's greedy continuation equals the
+        actor's own (transformers ``generate`` on the DeepSpeed module)."""
+        if self.backend != "vllm":
+            return 1.0
+        self.sync_rollout_weights()
+        rollout = self.rollout.generate(prompts, n=1, temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens,
+                                        seed=0, greedy=True)
+        reference = HFRollout(self.actor, self.pad_token_id, self.eos_ids, synced_gpus=self.zero3 and self.world_size > 1)
+        actor = reference.generate(prompts, n=1, temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens,
+                                   seed=0, greedy=True)
+        return sum(a[0] == b[0] for a, b in zip(rollout, actor)) / max(1, len(prompts))
+
     def eval_mode(self):
         for engine in (self.actor, self.critic):
             if engine is not None:

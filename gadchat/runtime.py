@@ -35,6 +35,10 @@ def set_process_defaults() -> None:
     # vLLM in-process: the hybrid engine reaches the worker's model to reload weights in place.
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)  # torch.distributed deprecation noise
     if "TORCH_EXTENSIONS_DIR" not in os.environ:
         os.environ["TORCH_EXTENSIONS_DIR"] = os.path.join(os.path.expanduser("~"), ".cache", "gadchat", "torch_extensions")
     if "RANK" not in os.environ:  # run alone: a world of one, without mpi4py discovery
@@ -119,13 +123,29 @@ def barrier() -> None:
         dist.barrier()
 
 
+def _same_keys_on_all_ranks(values: dict) -> list:
+    """Sorted keys, after checking every rank reduces the same ones (else the reduction would
+    silently mix values, or hang)."""
+    import zlib
+
+    import torch.distributed as dist
+
+    keys = sorted(values)
+    digest = zlib.crc32("\x00".join(keys).encode())
+    bounds = torch.tensor([digest, -digest], dtype=torch.float64, device=device())
+    dist.all_reduce(bounds, op=dist.ReduceOp.MAX)
+    if bounds[0].item() != digest or -bounds[1].item() != digest:
+        raise RuntimeError(f"rank {dist.get_rank()}: metric keys differ between ranks; mine are {keys}")
+    return keys
+
+
 def all_reduce_mean(values: dict) -> dict:
     """Average a dict of floats over the ranks (one collective for the whole dict)."""
     import torch.distributed as dist
 
     if not values or not dist.is_initialized() or dist.get_world_size() == 1:
         return dict(values)
-    keys = sorted(values)
+    keys = _same_keys_on_all_ranks(values)
     tensor = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device())
     dist.all_reduce(tensor)
     tensor /= dist.get_world_size()
@@ -137,7 +157,7 @@ def all_reduce_sum(values: dict) -> dict:
 
     if not values or not dist.is_initialized() or dist.get_world_size() == 1:
         return dict(values)
-    keys = sorted(values)
+    keys = _same_keys_on_all_ranks(values)
     tensor = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device())
     dist.all_reduce(tensor)
     return {k: v for k, v in zip(keys, tensor.tolist())}

@@ -65,6 +65,13 @@ class StageTrainer:
         self.step_fn = {"seqkd": self.seqkd_step, "warmup": self.warmup_step, "gad": self.gad_step}[stage]
         self.checkpoints = checkpoint.CheckpointManager(self)
         self.start_step = 0
+        if stage != "seqkd" or cfg.trainer.eval_every:
+            self.engine.build_rollout()
+        init_times = self.engine.timer.timings()  # every rank: the step metrics must share their keys
+        if self.rank == 0:
+            logger.info("engine ready: rollout=%s, ZeRO stage %d, %d rank(s), dtype %s; %s",
+                        self.engine.backend, cfg.deepspeed.zero_stage, self.world_size, self.engine.dtype,
+                        ", ".join(f"{k}={v:.1f}s" for k, v in init_times.items()))
 
     # ------------------------------------------------------------------------------------------
 
@@ -84,15 +91,24 @@ class StageTrainer:
                             t.stage, self.start_step, self.total_steps, self.output_dir)
             self.metrics.close()
             return {"finished": True, "step": self.start_step}
+        if t.log_param_digest and self.start_step == 0:
+            self.metrics.log(0, self.param_digests(), advance=False)
         last = {}
         for step in range(self.start_step, self.total_steps):
             started = time.perf_counter()
             indices = self.schedule.rank_indices(step)
             batch = [self.examples[i] for i in indices]
             local = self.step_fn(step, batch)
+            if t.log_param_digest:
+                local.update(self.param_digests())
+            if t.verify_rollout_sync:
+                local["debug/rollout_greedy_match"] = self.engine.rollout_matches_actor(
+                    [e.prompt_ids for e in batch], self.cfg.rollout.max_new_tokens)
             local.update(self.engine.timer.timings())
             local["time/step"] = time.perf_counter() - started
+            digests = {k: local.pop(k) for k in list(local) if k.startswith("digest/")}
             metrics = runtime.all_reduce_mean(local)
+            metrics.update(digests)  # already global sums
             metrics["epoch"] = self.schedule.epoch_of(step + 1)
             tokens = metrics.pop("tokens", 0.0) * self.world_size
             metrics["throughput/tokens_per_s"] = tokens / max(metrics["time/step"], 1e-9)
@@ -111,6 +127,12 @@ class StageTrainer:
 
     # ------------------------------------------------------------------------------------------
     # shared pieces
+
+    def param_digests(self) -> dict:
+        out = {"digest/actor": self.engine.param_digest(self.engine.actor)}
+        if self.engine.critic is not None:
+            out["digest/critic"] = self.engine.param_digest(self.engine.critic)
+        return out
 
     def rollout_seed(self, step: int) -> int:
         return self.cfg.trainer.seed * 1_000_003 + step * 1009 + self.rank

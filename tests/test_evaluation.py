@@ -1,7 +1,12 @@
 """End-to-end evaluation on a tiny random model (CPU, transformers backend) with a fake judge endpoint."""
 
+import importlib.util
 import json
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -170,3 +175,23 @@ def test_evaluate_rouge_only_without_judge_and_clear_errors(tiny_chat_model, cus
     assert "holds no config.json" in capsys.readouterr().err
     assert evaluate.main(["--models", f"a={tiny_chat_model}", f"a={tiny_chat_model}", "--output-dir", str(out)]) == 2
     assert "duplicate model label(s) a" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed")
+def test_evaluate_cli_with_vllm_two_models_in_one_process(tiny_chat_model, training_output_dir, tmp_path):
+    out = tmp_path / "eval_vllm"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(
+        [sys.executable, "-m", "applications.evaluate", "--models", f"first={tiny_chat_model}", str(training_output_dir),
+         "--eval-sets", "heldout", "--max-prompts", "2", "--max-new-tokens", "8", "--backend", "vllm",
+         "--max-model-len", "1024", "--output-dir", str(out), "--no-progress"],
+        cwd=Path(__file__).resolve().parent.parent, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    label = training_output_dir.name  # a training output dir is labelled by its own name
+    assert f"| first |" in result.stdout and f"| {label} |" in result.stdout
+    generations = [json.loads(line) for line in open(out / "generations.jsonl")]
+    assert len(generations) == 4
+    texts = {}
+    for g in generations:
+        texts.setdefault(g["row"], set()).add(g["generation"])
+    assert all(len(t) == 1 for t in texts.values())  # the same weights answer the same after the engine swap
