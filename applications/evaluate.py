@@ -111,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", default="auto")
     gen.add_argument("--max-model-len", type=int, default=None, help="vLLM context length")
     gen.add_argument("--batch-size", type=int, default=16, help="sequences per transformers generate call")
+    gen.add_argument("--gpu-memory-utilization", type=float, default=0.85, help="vLLM on GPU")
     judge = parser.add_argument_group("judge (optional; empty --judge-base-url = ROUGE-L only)")
     judge.add_argument("--judge-base-url", default="")
     judge.add_argument("--judge-model", default="gpt-4o")
@@ -196,7 +197,7 @@ def main(argv=None) -> int:
         print(f"[evaluate] generating with {label} ({path}) on {len(all_prompts)} prompts", file=sys.stderr, flush=True)
         started = time.time()
         generator = Generator(path, backend=args.backend, dtype=args.dtype, max_model_len=args.max_model_len,
-                              batch_size=args.batch_size)
+                              batch_size=args.batch_size, gpu_memory_utilization=args.gpu_memory_utilization)
         completions = [group[0] for group in generator.generate([row[2] for _, row in all_prompts], settings, progress)]
         generator.close()
         timings[label] = round(time.time() - started, 2)
