@@ -82,7 +82,10 @@ def grpo_advantages(scores: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
         std = scores.std(dim=-1, keepdim=True)
     else:
         std = torch.zeros_like(mean)
-    return (scores - mean) / (std + eps)
+    # A float mean of equal values can differ from them by rounding (e.g. eight 0.1s); dividing that
+    # residue by std + eps (std ~ 0) would give a spurious advantage, so equal groups are set to 0.
+    centered = (scores - mean).masked_fill((scores == scores[..., :1]).all(dim=-1, keepdim=True), 0.0)
+    return centered / (std + eps)
 
 
 def ppo_clip_loss(log_probs, old_log_probs, advantages, mask, clip_eps: float = 0.2, denominator=None):
