@@ -208,11 +208,15 @@ def _parse_bool(text: str) -> bool:
 
 
 def _coerce(kind, value, where: str):
-    if kind is bool:
-        return value if isinstance(value, bool) else _parse_bool(value)
     try:
+        if kind is bool:
+            return value if isinstance(value, bool) else _parse_bool(value)
+        if kind in (int, float) and isinstance(value, bool):
+            raise TypeError("a boolean is not a number")
+        if kind is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError("not a whole number")
         return kind(value)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, argparse.ArgumentTypeError) as exc:
         raise ValueError(f"{where}: cannot read {value!r} as {kind.__name__}") from exc
 
 
@@ -263,9 +267,7 @@ def load_config(argv=None, stage: str | None = None, description: str = "GAD-Cha
     parser = build_parser(description)
     args = parser.parse_args(argv)
     cfg = GADConfig()
-    chosen_stage = stage or getattr(args, "trainer.stage") or "warmup"
-    apply_overrides(cfg, STAGE_DEFAULTS.get(chosen_stage, {}), f"stage defaults ({chosen_stage})")
-    cfg.trainer.stage = chosen_stage
+    from_yaml = {}
     if args.config:
         import yaml
 
@@ -273,7 +275,17 @@ def load_config(argv=None, stage: str | None = None, description: str = "GAD-Cha
         if not path.exists():
             raise FileNotFoundError(f"--config: no such file {path}")
         with open(path, encoding="utf-8") as handle:
-            apply_overrides(cfg, yaml.safe_load(handle) or {}, str(path))
+            from_yaml = yaml.safe_load(handle) or {}
+        if not isinstance(from_yaml, dict):
+            raise ValueError(f"{path}: expected a mapping of sections, got {type(from_yaml).__name__}")
+    yaml_trainer = from_yaml.get("trainer")
+    yaml_stage = yaml_trainer.get("stage") if isinstance(yaml_trainer, dict) else None
+    yaml_stage = yaml_stage if isinstance(yaml_stage, str) else None
+    chosen_stage = stage or getattr(args, "trainer.stage") or yaml_stage or "warmup"
+    apply_overrides(cfg, STAGE_DEFAULTS.get(chosen_stage, {}), f"stage defaults ({chosen_stage})")
+    cfg.trainer.stage = chosen_stage
+    if args.config:
+        apply_overrides(cfg, from_yaml, str(path))
         if stage:
             cfg.trainer.stage = stage
     flags: dict[str, dict] = {}
