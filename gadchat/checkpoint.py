@@ -122,9 +122,11 @@ class CheckpointManager:
         self.root = checkpoint_root(trainer.output_dir)
 
     def _engines(self):
+        """The engines whose state a checkpoint holds: the trained ones (a frozen discriminator
+        is re-loaded from its source at every start, like the reference)."""
         engine = self.trainer.engine
         out = {"actor": engine.actor}
-        if engine.critic is not None:
+        if engine.critic is not None and engine.critic_trainable:
             out["critic"] = engine.critic
         return out
 

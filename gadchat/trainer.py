@@ -132,6 +132,8 @@ class StageTrainer:
         out = {"digest/actor": self.engine.param_digest(self.engine.actor)}
         if self.engine.critic is not None:
             out["digest/critic"] = self.engine.param_digest(self.engine.critic)
+        if self.engine.ref is not None:
+            out["digest/ref"] = self.engine.param_digest(self.engine.ref)
         return out
 
     def rollout_seed(self, step: int) -> int:
