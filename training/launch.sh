@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Shared launcher of the step folders: training/launch.sh STAGE DEPLOYMENT [--section.field VALUE ...]
+#   STAGE       seqkd | warmup | gad
+#   DEPLOYMENT  cpu (NUM_PROCS ranks, default 2) | single_gpu | single_node (NUM_GPUS, default 8)
+#               | multi_node (HOSTFILE, MASTER_ADDR required; NUM_NODES optional)
+# Every rank runs the same main.py under the `deepspeed` launcher (SPMD); the per-deployment scripts
+# under training/*/training_scripts/ only choose the recipe YAML and deployment flags.
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+STAGE=${1:?usage: launch.sh STAGE DEPLOYMENT [flags]}
+DEPLOYMENT=${2:?usage: launch.sh STAGE DEPLOYMENT [flags]}
+shift 2
+case "$STAGE" in
+  seqkd) STEP=step1_seqkd ;;
+  warmup) STEP=step2_warmup ;;
+  gad) STEP=step3_gad ;;
+  *) echo "launch.sh: unknown stage '$STAGE' (seqkd, warmup, gad)" >&2; exit 2 ;;
+esac
+PORT=${MASTER_PORT:-$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
+case "$DEPLOYMENT" in
+  cpu)
+    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+    LAUNCH=(deepspeed --num_gpus "${NUM_PROCS:-2}" --master_port "$PORT") ;;
+  single_gpu) LAUNCH=(deepspeed --num_gpus 1 --master_port "$PORT") ;;
+  single_node) LAUNCH=(deepspeed --num_gpus "${NUM_GPUS:-8}" --master_port "$PORT") ;;
+  multi_node)
+    LAUNCH=(deepspeed --hostfile "${HOSTFILE:?multi_node needs HOSTFILE}" --master_addr "${MASTER_ADDR:?multi_node needs MASTER_ADDR}"
+            --master_port "${MASTER_PORT:-29500}")
+    if [ -n "${NUM_NODES:-}" ]; then LAUNCH+=(--num_nodes "$NUM_NODES"); fi ;;
+  *) echo "launch.sh: unknown deployment '$DEPLOYMENT' (cpu, single_gpu, single_node, multi_node)" >&2; exit 2 ;;
+esac
+INIT=()
+if [ -n "${INIT_FROM:-}" ]; then INIT=(--trainer.init_from "$INIT_FROM"); fi
+exec "${LAUNCH[@]}" "$ROOT/training/$STEP/main.py" "${INIT[@]}" "$@"

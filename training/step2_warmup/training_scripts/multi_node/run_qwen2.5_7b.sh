@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# warmup, Qwen2.5-7B-Instruct student on several nodes (HOSTFILE, MASTER_ADDR): ZeRO-3, the published recipe;
+# output_dir must be on storage every node sees.
+ROOT=$(cd "$(dirname "$0")/../../../.." && pwd)
+exec "$ROOT/training/launch.sh" warmup multi_node --config "$ROOT/configs/qwen2.5-7b/warmup.yaml" \
+  --model.actor_path "${ACTOR:-Qwen/Qwen2.5-7B-Instruct}" --trainer.output_dir "${OUTPUT:-$ROOT/outputs/qwen2.5-7b/warmup}" "$@"

@@ -1,0 +1,5 @@
+#!/usr/bin/env bash
+# gad on this CPU: tiny student built on the spot (or ACTOR=path), shipped teacher data, NUM_PROCS ranks (default 2).
+ROOT=$(cd "$(dirname "$0")/../../../.." && pwd)
+exec "$ROOT/training/launch.sh" gad cpu --config "$ROOT/configs/cpu_tiny.yaml" \
+  --model.actor_path "${ACTOR:-builtin:tiny}" --trainer.output_dir "${OUTPUT:-$ROOT/outputs/cpu_tiny/gad}" "$@"

@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# gad, Qwen2.5-7B-Instruct student on one 80 GB GPU: ZeRO-3 with parameters and optimizer offloaded to CPU.
+ROOT=$(cd "$(dirname "$0")/../../../.." && pwd)
+exec "$ROOT/training/launch.sh" gad single_gpu --config "$ROOT/configs/qwen2.5-7b/gad.yaml" \
+  --model.actor_path "${ACTOR:-Qwen/Qwen2.5-7B-Instruct}" --trainer.output_dir "${OUTPUT:-$ROOT/outputs/qwen2.5-7b/gad}" \
+  --deepspeed.offload_optimizer true --deepspeed.offload_param true --rollout.vllm_gpu_memory_utilization 0.3 "$@"
