@@ -159,6 +159,7 @@ class CheckpointManager:
             if tr.rank == 0:
                 self._save_hf_metadata(step_dir)
             runtime.barrier()
+            _fault_injection_point("checkpoint_written_before_latest", step)
             if tr.rank == 0:
                 _write_atomic(step_dir / STATE_FILE, json.dumps(self._state(step), indent=2))
                 _write_atomic(self.root / LATEST, step_dir.name)
@@ -204,8 +205,12 @@ class CheckpointManager:
         state = read_state(step_dir)
         self._check_compatible(step_dir, state)
         for name, engine in self._engines().items():
-            path, _ = engine.load_checkpoint(str(step_dir), tag=name, load_optimizer_states=True,
-                                             load_lr_scheduler_states=True)
+            try:
+                path, _ = engine.load_checkpoint(str(step_dir), tag=name, load_optimizer_states=True,
+                                                 load_lr_scheduler_states=True)
+            except (RuntimeError, EOFError, OSError, KeyError, ValueError, AssertionError) as exc:
+                raise CheckpointError(f"{step_dir / name}: the {name} checkpoint is truncated or corrupt "
+                                      f"({type(exc).__name__}: {str(exc)[:300]})") from exc
             if path is None:
                 raise CheckpointError(f"{step_dir / name}: DeepSpeed found no {name} checkpoint there")
         rng_file = step_dir / f"rng_rank{tr.rank}.pt"
@@ -259,6 +264,14 @@ class CheckpointManager:
             if engine.critic is not None:
                 export_live(engine.critic.module.seqcls, out / "critic", engine.tokenizer, zero3=engine.zero3)
         return out
+
+
+def _fault_injection_point(name: str, step: int) -> None:
+    """For crash tests: ``GADCHAT_KILL_AT=name:step`` makes the process SIGKILL itself here."""
+    if os.environ.get("GADCHAT_KILL_AT") == f"{name}:{step}":
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _write_atomic(path: Path, text: str) -> None:

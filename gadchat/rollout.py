@@ -89,6 +89,9 @@ class VLLMRollout:
             skip_special_tokens=False,
             detokenize=False,
         )
+        # A rollout is a function of (weights, prompts, seed) alone: no KV reused from earlier
+        # batches, whose different prefill batching would perturb the float results (exact resume).
+        self.llm.reset_prefix_cache()
         _seed_generators(seed)
         outputs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
         results = []

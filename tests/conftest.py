@@ -33,7 +33,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_env(tmp_cache: Path | None = None) -> dict:
+def subprocess_env(tmp_cache: Path | None = None) -> dict:
     env = dict(os.environ)
     env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
     if tmp_cache is not None:
@@ -56,7 +56,7 @@ def launch(stage: str, ranks: int, args: list, cwd: Path = REPO, timeout: int = 
     """Run one stage under the ``deepspeed`` launcher with ``ranks`` processes."""
     command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
                "--master_port", str(free_port()), str(STEP_MAIN[stage]), *map(str, args)]
-    result = subprocess.run(command, cwd=cwd, env=env or test_env(), capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(command, cwd=cwd, env=env or subprocess_env(), capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"{stage} with {ranks} rank(s) failed ({result.returncode}):\n"
                              f"{result.stdout[-6000:]}\n{result.stderr[-6000:]}")

@@ -1,0 +1,45 @@
+"""Export a training checkpoint to Hugging Face folders, offline and on CPU.
+
+    python -m inference.export --checkpoint outputs/run --out exported/          # latest checkpoint
+    python -m inference.export --checkpoint outputs/run/checkpoints/step_00000040 --out exported/ --which actor
+
+Reads the DeepSpeed checkpoint (ZeRO 0-3; ZeRO-2/3 shards are consolidated to fp32 with DeepSpeed's
+zero_to_fp32) and writes ``OUT/actor`` (AutoModelForCausalLM, loadable by vLLM) and ``OUT/critic``
+(AutoModelForSequenceClassification with one label: the discriminator as a reward model whose
+score equals the training score) with tokenizer and chat template. No GPU needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from gadchat.checkpoint import CheckpointError, export_from_checkpoint, latest_checkpoint
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", required=True, help="a stage's output dir, its checkpoints/ folder, or a step folder")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--which", default="both", choices=("actor", "critic", "both"))
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    args = parser.parse_args(argv)
+    try:
+        step_dir = latest_checkpoint(args.checkpoint)
+        if step_dir is None:
+            raise CheckpointError(f"{args.checkpoint}: no checkpoint found (no 'latest' file or trainer_state.json)")
+        which = ["actor", "critic"] if args.which == "both" else [args.which]
+        if args.which == "both" and not (step_dir / "critic").is_dir():
+            which = ["actor"]  # SeqKD, or a frozen discriminator: nothing trained to export
+        for name in which:
+            out = export_from_checkpoint(step_dir, Path(args.out) / name, which=name, dtype=args.dtype)
+            print(f"[export] {name}: {step_dir} -> {out}")
+    except CheckpointError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
