@@ -33,12 +33,21 @@ if str(ROOT) not in sys.path:
 
 def bench_env(**extra) -> dict:
     """Environment of every measured process: one thread, vLLM in-process, no GPU."""
-    env = dict(os.environ)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}  # each child its own
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
                VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1", DS_ACCELERATOR="cpu",
                VLLM_LOGGING_LEVEL="ERROR", PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""))
     env.update({k: str(v) for k, v in extra.items()})
     return env
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def median(values):
@@ -124,14 +133,22 @@ def save_result(name: str, result: dict, command: str) -> Path:
 class Worker:
     """A long-lived benchmark process, kept warm between rounds so A/B repetitions interleave."""
 
-    def __init__(self, name: str, argv: list, env: dict, log_dir: Path, timeout: float = 900):
-        self.name, self.timeout = name, timeout
+    def __init__(self, name: str, argv: list, env: dict, log_dir: Path, timeout: float = 900, wait: bool = True):
+        self.name, self.timeout, self.ready = name, timeout, None
         log_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = log_dir / f"{name}.log"
         self.log = open(self.log_path, "w")
+        env = dict(env, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
         self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
                                      env=env, cwd=ROOT, text=True, bufsize=1)
-        self.ready = self._read()
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> dict:
+        """Block until the worker has built everything and run its untimed warm-up step."""
+        if self.ready is None:
+            self.ready = self._read()
+        return self.ready
 
     def _read(self) -> dict:
         deadline = time.time() + self.timeout

