@@ -36,10 +36,18 @@ def bench_env(**extra) -> dict:
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}  # each child its own
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
-               VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1", DS_ACCELERATOR="cpu",
-               VLLM_LOGGING_LEVEL="ERROR", PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""))
+               VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_LOGGING_LEVEL="ERROR",
+               PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""))
+    if not has_gpu():
+        env.update(VLLM_CPU_KVCACHE_SPACE="1", DS_ACCELERATOR="cpu")
     env.update({k: str(v) for k, v in extra.items()})
     return env
+
+
+def has_gpu() -> bool:
+    import shutil
+
+    return shutil.which("nvidia-smi") is not None and os.environ.get("CUDA_VISIBLE_DEVICES", "x") != ""
 
 
 def free_port() -> int:
@@ -84,8 +92,15 @@ def machine_info() -> dict:
         load = os.getloadavg()[0]
     except OSError:
         load = None
+    gpu = "none"
+    if has_gpu():
+        try:
+            gpu = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
+                                 capture_output=True, text=True, timeout=30).stdout.strip() or "?"
+        except (OSError, subprocess.TimeoutExpired):
+            gpu = "?"
     return {"cpu": model, "cores": cores, "ram_gib": ram, "python": platform.python_version(),
-            "load_avg_1m_at_start": load, "gpu": "none"}
+            "load_avg_1m_at_start": load, "gpu": gpu}
 
 
 def package_versions(python: str | None = None, names=("torch", "transformers", "deepspeed", "vllm", "trl",
