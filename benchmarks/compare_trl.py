@@ -168,8 +168,10 @@ def main(argv=None):
         notes.append(f"Weight sync share of our GAD iteration on W: {targets['sync_share'] * 100:.2f}% (target <= 5%).")
     for name, why in failed.items():
         notes.append(f"{name} failed: {why[:400]}")
-    common.save_result("2_compare_trl_floor", {
-        "title": "2-3. Same work W: ours vs TRL GRPOTrainer vs bare floor loop",
+    suffix = "" if args.zero_stage == 3 else f"_zero{args.zero_stage}"
+    common.save_result("2_compare_trl_floor" + suffix, {
+        "title": "2-3. Same work W: ours vs TRL GRPOTrainer vs bare floor loop"
+                 + ("" if args.zero_stage == 3 else f" (ours with ZeRO-{args.zero_stage}, not the default)"),
         "description": ("Work W: tiny Qwen2 (hidden 128, 2 layers, 4/2 heads, ~1k vocab), 8 prompts x 8 samples, "
                         "<= 64 new tokens, T 0.8, k3 KL 0.001 to a frozen reference, reward = tiny discriminator score, "
                         "one optimizer step, fp32, 1 thread. Warm workers, rounds interleaved "
