@@ -213,6 +213,7 @@ class CheckpointManager:
                                       f"({type(exc).__name__}: {str(exc)[:300]})") from exc
             if path is None:
                 raise CheckpointError(f"{step_dir / name}: DeepSpeed found no {name} checkpoint there")
+        self._apply_configured_hyperparameters()
         rng_file = step_dir / f"rng_rank{tr.rank}.pt"
         if not rng_file.exists():
             raise CheckpointError(f"{rng_file} is missing: the checkpoint was written by fewer ranks")
@@ -252,7 +253,20 @@ class CheckpointManager:
             if (step_dir / name).is_dir():
                 engine.load_checkpoint(str(step_dir), tag=name, load_optimizer_states=True,
                                        load_lr_scheduler_states=False)
+        self._apply_configured_hyperparameters()
         self.trainer.engine.mark_actor_updated()
+
+    def _apply_configured_hyperparameters(self):
+        """Loaded optimizer states carry the learning rate, betas and weight decay they were saved
+        with; this run's configuration wins (a GAD stage must not inherit the warm-up's LR)."""
+        cfg = self.trainer.cfg
+        for name, engine in self._engines().items():
+            section = cfg.actor if name == "actor" else cfg.critic
+            betas = tuple(float(b) for b in str(section.betas).split(","))
+            for group in engine.optimizer.param_groups:
+                group["lr"], group["weight_decay"] = section.lr, section.weight_decay
+                if "betas" in group:
+                    group["betas"] = betas
 
     # ------------------------------------------------------------------------------------------
 

@@ -23,8 +23,7 @@ import torch
 from gadchat import runtime
 from gadchat.config import GADConfig
 from gadchat.losses import token_entropy, token_log_probs
-from gadchat.models import (Discriminator, attn_implementation, load_causal_lm, load_discriminator, load_tokenizer,
-                            resolve_model_path)
+from gadchat.models import attn_implementation, load_causal_lm, load_discriminator, load_tokenizer, resolve_model_path
 from gadchat.rollout import HFRollout, VLLMRollout, choose_backend
 
 logger = logging.getLogger(__name__)
@@ -154,8 +153,6 @@ class HybridEngine:
 
     def __init__(self, cfg: GADConfig, rank: int, world_size: int, need_critic: bool = True,
                  need_ref: bool | None = None, actor_path: str | None = None, critic_path: str | None = None):
-        import deepspeed
-
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.timer = PhaseTimer()
         self.device = runtime.device()

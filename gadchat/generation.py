@@ -17,12 +17,11 @@ Streaming: :meth:`Generator.stream` calls ``on_text`` with pieces of text as the
 from __future__ import annotations
 
 import gc
-import importlib.util
 import threading
 from dataclasses import dataclass
-from pathlib import Path
 
-BACKENDS = ("auto", "vllm", "hf")
+from gadchat.models import resolve_model_path
+from gadchat.rollout import BACKENDS, choose_backend, vllm_available  # noqa: F401  (re-exported for the CLIs)
 
 
 @dataclass
@@ -45,40 +44,6 @@ class Completion:
     finish_reason: str
     """``"stop"`` (ended with an EOS) or ``"length"`` (hit ``max_new_tokens``)."""
     num_tokens: int
-
-
-def vllm_available() -> bool:
-    return importlib.util.find_spec("vllm") is not None
-
-
-def choose_backend(backend: str) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown generation backend {backend!r} (choose from {', '.join(BACKENDS)})")
-    if backend == "auto":
-        return "vllm" if vllm_available() else "hf"
-    if backend == "vllm" and not vllm_available():
-        raise ValueError("backend 'vllm' asked for but vllm is not installed (use --backend hf)")
-    return backend
-
-
-def resolve_model_path(spec: str) -> str:
-    """A loadable model folder or hub id for ``spec``.
-
-    ``spec`` may be a model folder (holds ``config.json``), a training output dir (its
-    ``final/actor`` is used), or else a hub id (returned unchanged). An existing folder with
-    neither raises, naming what was expected.
-    """
-    path = Path(spec)
-    if (path / "final" / "actor" / "config.json").exists():
-        return str(path / "final" / "actor")
-    if (path / "config.json").exists():
-        return str(path)
-    if path.exists():
-        raise FileNotFoundError(
-            f"{spec} holds no config.json and no final/actor/config.json: give an exported model folder, "
-            "a training output dir, or a hub id"
-        )
-    return spec
 
 
 def _eos_ids(tokenizer, model_generation_config=None) -> list:

@@ -32,9 +32,21 @@ def cache_dir() -> Path:
 
 
 def resolve_model_path(path: str) -> str:
-    """Turn ``builtin:NAME`` into a local folder (built once, on rank 0, then shared)."""
+    """A loadable model folder or hub id for ``path``.
+
+    ``builtin:NAME`` is built once (on rank 0, then shared) into the cache; a training output dir
+    stands for its exported ``final/actor``; a model folder (with ``config.json``) or a hub id is
+    returned as it is. An existing folder with neither raises, naming what was expected.
+    """
     if not path.startswith(BUILTIN_PREFIX):
-        return path
+        folder = Path(path)
+        if (folder / "final" / "actor" / "config.json").exists():
+            return str(folder / "final" / "actor")
+        if (folder / "config.json").exists() or not folder.exists():
+            return path
+        raise FileNotFoundError(
+            f"{path} holds no config.json and no final/actor/config.json: give an exported model folder, "
+            "a training output dir, or a hub id")
     name = path[len(BUILTIN_PREFIX):]
     if name not in BUILTIN_SHAPES:
         raise ValueError(f"unknown builtin model {path!r}; known: {', '.join(BUILTIN_PREFIX + k for k in BUILTIN_SHAPES)}")

@@ -6,8 +6,9 @@ end with the EOS the student generated (or are cut at ``max_new_tokens`` without
 - ``VLLMRollout``: an in-process vLLM engine colocated with the training engines on every rank
   (one engine per rank, data parallel). ``load_weights`` reloads its weights in place from an
   iterator of ``(hf_name, tensor)`` and resets the prefix cache.
-- ``HFRollout``: transformers ``generate`` on the training actor itself; under ZeRO-3 with several
-  ranks it uses ``synced_gpus=True`` so ranks that finish early keep joining the parameter gathers.
+- ``HFRollout``: transformers ``generate`` on the training actor itself (so there are no weights to
+  push); under ZeRO-3 with several ranks it uses ``synced_gpus=True`` so ranks that finish early keep
+  joining the parameter gathers.
 
 Sampling is reproducible: the caller passes a seed per rollout, from which the backend seeds the
 global torch generator that both vLLM (in-process) and transformers sample from.
@@ -26,15 +27,22 @@ from gadchat import runtime
 logger = logging.getLogger(__name__)
 
 
+BACKENDS = ("auto", "vllm", "hf")
+
+
 def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
 def choose_backend(requested: str) -> str:
+    """``auto`` = vLLM where installed, transformers otherwise; asking for a missing vLLM is an error."""
+    if requested not in BACKENDS:
+        raise ValueError(f"unknown generation backend {requested!r} (choose from {', '.join(BACKENDS)})")
     if requested == "auto":
         return "vllm" if vllm_available() else "hf"
     if requested == "vllm" and not vllm_available():
-        raise RuntimeError("rollout.backend=vllm but vLLM is not installed (pip install -r requirements.txt)")
+        raise ValueError("backend 'vllm' asked for but vLLM is not installed (pip install -r requirements.txt, "
+                         "or use the hf backend)")
     return requested
 
 
@@ -184,8 +192,3 @@ class HFRollout:
             module.config.use_cache = False
             module.train(was_training)
         return results
-
-    def load_weights(self, named_tensors: Iterable) -> None:
-        """The HF backend generates with the training actor itself: nothing to copy."""
-        for _ in named_tensors:
-            pass

@@ -27,7 +27,7 @@ from gadchat.config import GADConfig, save_config
 from gadchat.data import PromptSchedule, load_teacher_data
 from gadchat.engine import HybridEngine, SequenceBatch
 from gadchat.losses import (bradley_terry_loss, discriminator_metrics, grpo_advantages, kl_loss, masked_mean,
-                            masked_sum, ppo_clip_loss, sft_loss)
+                            ppo_clip_loss, sft_loss)
 from gadchat.metrics_log import MetricsLogger
 
 logger = logging.getLogger("gadchat")
@@ -189,14 +189,12 @@ class StageTrainer:
         """Closures for the token-mean SFT loss over the teacher batch, and its token count."""
         mb = self.cfg.actor.micro_batch_size
         total_tokens = float(teacher.target_mask.sum())
-        sums = []
 
         def micro_step(start):
             def forward():
                 part = teacher.slice(start, start + mb)
                 log_probs, _ = self.engine.log_probs(self.engine.actor, part)
                 mask = part.target_mask.to(log_probs.device)
-                sums.append(float(masked_sum(-log_probs.detach(), mask)))
                 return sft_loss(log_probs, mask, denominator=total_tokens)
             return forward
 
@@ -262,7 +260,6 @@ class StageTrainer:
         return metrics
 
     def gad_step(self, step: int, batch) -> dict:
-        cfg = self.cfg
         teacher = self.teacher_batch(batch)
         samples, student = self.rollout(step, batch)
         if self.engine.critic_trainable:

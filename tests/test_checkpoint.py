@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import BACKENDS, HAS_VLLM, REPO, STEP_MAIN, free_port, launch, load_weights, read_metrics, subprocess_env, tiny_args
+from conftest import HAS_VLLM, REPO, STEP_MAIN, free_port, launch, load_weights, read_metrics, subprocess_env, tiny_args
 
 STEPS = 6
 BACKEND = "vllm" if HAS_VLLM else "hf"
@@ -157,6 +157,19 @@ def test_offline_export_equals_live_export_and_engine_outputs(tiny_model, uninte
     assert result.returncode == 0, result.stderr[-3000:]
     assert_same_folder_weights(uninterrupted / "final" / "actor", exported / "actor")
     assert_same_folder_weights(uninterrupted / "final" / "critic", exported / "critic")
+
+    # The exported actor serves the inference tools (vLLM where installed).
+    generations = tmp_path / "generations.jsonl"
+    result = subprocess.run([sys.executable, "-m", "inference.batch_generate", "--model", str(exported / "actor"),
+                             "--prompts", str(REPO / "data" / "alpaca_eval_gpt4o" / "test.jsonl"), "--limit", "2",
+                             "--max-new-tokens", "8", "--output", str(generations)],
+                            cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(generations.read_text().splitlines()) == 2
+    chat = subprocess.run([sys.executable, "-m", "inference.chat", "--model", str(exported / "actor"), "--backend", "hf",
+                           "--max-new-tokens", "8"], input="Hello!\n/exit\n", cwd=REPO, env=subprocess_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert chat.returncode == 0, chat.stderr[-3000:]
 
     # The engine itself (ZeRO-3, 2 ranks, resumed from the last checkpoint) against the exported folders.
     probe = tmp_path / "probe.pt"

@@ -100,3 +100,15 @@ def test_seqkd_learns_and_hands_off_to_warmup(tiny_model, tmp_path):
     # The discriminator backbone starts from the SeqKD student, not from the original one.
     critic, student = load_weights(warmup / "final" / "critic"), load_weights(seqkd / "final" / "actor")
     assert critic["model.norm.weight"].shape == student["model.norm.weight"].shape
+
+
+@pytest.mark.slow
+def test_gad_can_inherit_the_warmup_optimizer_states_but_not_its_learning_rate(tiny_model, warmup_output, tmp_path):
+    """``--trainer.init_optimizer_states`` loads the warm-up's Adam moments; the GAD stage's own
+    learning rate still applies (zero here: the weights must not move)."""
+    out = tmp_path / "gad_optim"
+    launch("gad", 1, tiny_args(tiny_model, out, "--trainer.init_from", warmup_output, "--rollout.backend", "hf",
+                               "--trainer.init_optimizer_states", "true", "--trainer.max_steps", 1,
+                               "--actor.lr", 0.0, "--critic.lr", 0.0))
+    assert_same_weights(warmup_output / "final" / "actor", out / "final" / "actor")
+    assert_same_weights(warmup_output / "final" / "critic", out / "final" / "critic")
