@@ -222,6 +222,33 @@ TARGETS = {
 }
 
 
+def serve_worker(build) -> None:
+    """A worker's whole life: ``build()`` returns its ``one_step`` function (engine built); one untimed
+    step, ``ready``, then answer each ``next_command()`` with that many timed steps. Any error is
+    reported to the parent before the worker fails."""
+    try:
+        one_step = build()
+        one_step()  # warm-up, not timed
+        emit({"ready": True, "rss_mib": peak_rss_mib()})
+        while (count := next_command()) is not None:
+            emit({"steps": [one_step() for _ in range(count)], "rss_mib": peak_rss_mib()})
+    except Exception as exc:  # noqa: BLE001 - report to the parent, then fail
+        emit({"error": f"{type(exc).__name__}: {exc}"})
+        raise
+
+
+def add_work_arguments(parser) -> None:
+    """The flags that define work W, shared by every side of the comparison."""
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--prompts", required=True, help="JSON lines with messages and prompt_ids, in step order")
+    parser.add_argument("--prompts-per-step", type=int, default=8)
+    parser.add_argument("--n", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.8)
+    parser.add_argument("--kl-coef", type=float, default=0.001)
+    parser.add_argument("--lr", type=float, default=2e-4)
+
+
 def _fmt(value, unit=""):
     if value is None:
         return "-"

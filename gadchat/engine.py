@@ -106,11 +106,15 @@ class SequenceBatch:
 def deepspeed_config(cfg: GADConfig, lr_section, train: bool, dtype: torch.dtype) -> dict:
     """DeepSpeed JSON for one engine; a user's ``deepspeed.config_file`` wins on what it sets."""
     ds = cfg.deepspeed
-    zero = {"stage": ds.zero_stage, "stage3_param_persistence_threshold": 1e4, "stage3_max_live_parameters": 3e7,
+    # ZeRO-1/2 partition optimizer states and gradients, which a frozen model (reference, frozen
+    # discriminator) has none of; DeepSpeed refuses them without an optimizer, so such engines run
+    # at stage 0 (ZeRO-3 still partitions their weights).
+    stage = ds.zero_stage if train or ds.zero_stage == 3 else 0
+    zero = {"stage": stage, "stage3_param_persistence_threshold": 1e4, "stage3_max_live_parameters": 3e7,
             "stage3_prefetch_bucket_size": 3e7, "reduce_bucket_size": 5e7}
     if ds.offload_param and ds.zero_stage == 3:
         zero["offload_param"] = {"device": "cpu", "pin_memory": runtime.has_cuda()}
-    if ds.offload_optimizer and train and ds.zero_stage > 0:
+    if ds.offload_optimizer and train and stage > 0:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": runtime.has_cuda()}
     config = {
         "train_micro_batch_size_per_gpu": 1,

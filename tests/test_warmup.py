@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import BACKENDS, launch, load_weights, read_metrics, tiny_args
+from conftest import BACKENDS, HAS_VLLM, launch, load_weights, read_metrics, tiny_args
 
 CRITIC_WARMUP = 3
 STEPS = 6
@@ -71,3 +71,17 @@ def test_actor_untouched_until_critic_warmup_exactly(tiny_model, tmp_path):
     critic = load_weights(out / "final" / "critic")
     moved = [n for n in initial if n.startswith("model.") and not torch.equal(initial[n], critic[n])]
     assert moved, "the discriminator backbone did not train"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero_stage", [0, 1, 2])
+def test_warmup_runs_under_every_zero_stage(tiny_model, tmp_path, zero_stage):
+    out = tmp_path / f"zero{zero_stage}"
+    launch("warmup", 2, tiny_args(tiny_model, out, "--rollout.backend", "vllm" if HAS_VLLM else "hf",
+                                  "--deepspeed.zero_stage", zero_stage, "--trainer.max_steps", 2,
+                                  "--trainer.critic_warmup", 1, "--trainer.verify_rollout_sync", "true"))
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == [1, 2]
+    assert "actor/sft_loss" in rows[1] and "actor/kl" in rows[1]
+    assert all(r["debug/rollout_greedy_match"] == 1.0 for r in rows)
+    assert (out / "final" / "actor" / "model.safetensors").exists()

@@ -18,17 +18,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
 
 
-def main():
+def build():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--prompts", required=True, help="JSON lines with prompt_ids, in step order")
-    parser.add_argument("--prompts-per-step", type=int, default=8)
-    parser.add_argument("--n", type=int, default=8)
-    parser.add_argument("--max-new-tokens", type=int, default=64)
+    common.add_work_arguments(parser)
     parser.add_argument("--max-model-len", type=int, default=256)
-    parser.add_argument("--temperature", type=float, default=0.8)
-    parser.add_argument("--kl-coef", type=float, default=0.001)
-    parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--micro-batch", type=int, default=16, help="sequences per forward/backward (as ours)")
     args = parser.parse_args()
 
@@ -120,15 +113,8 @@ def main():
         return {"step_s": time.perf_counter() - step_started, "phases": times,
                 "response_length": sum(len(r) for _, r in seqs) / len(seqs)}
 
-    one_step()
-    common.emit({"ready": True, "rss_mib": common.peak_rss_mib()})
-    while (count := common.next_command()) is not None:
-        common.emit({"steps": [one_step() for _ in range(count)], "rss_mib": common.peak_rss_mib()})
+    return one_step
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except Exception as exc:  # noqa: BLE001
-        common.emit({"error": f"{type(exc).__name__}: {exc}"})
-        raise
+    common.serve_worker(build)

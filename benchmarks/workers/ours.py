@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
 
 
-def main():
+def build():
     from gadchat import runtime
 
     runtime.set_process_defaults()
@@ -36,15 +36,8 @@ def main():
         return {"step_s": elapsed, "phases": phases, "response_length": metrics["response_length/mean"],
                 "prompts": [e.prompt_ids[:4] for e in batch][:1]}
 
-    one_step()  # warm-up, not timed
-    common.emit({"ready": True, "rss_mib": common.peak_rss_mib()})
-    while (count := common.next_command()) is not None:
-        common.emit({"steps": [one_step() for _ in range(count)], "rss_mib": common.peak_rss_mib()})
+    return one_step
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except Exception as exc:  # noqa: BLE001 - report to the parent, then fail
-        common.emit({"error": f"{type(exc).__name__}: {exc}"})
-        raise
+    common.serve_worker(build)

@@ -23,14 +23,7 @@ import common  # noqa: E402
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--prompts", required=True, help="JSON lines with messages and prompt_ids, in step order")
-    parser.add_argument("--prompts-per-step", type=int, default=8)
-    parser.add_argument("--n", type=int, default=8)
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--temperature", type=float, default=0.8)
-    parser.add_argument("--kl-coef", type=float, default=0.001)
-    parser.add_argument("--lr", type=float, default=2e-4)
+    common.add_work_arguments(parser)
     parser.add_argument("--vllm", action="store_true", help="vLLM colocate mode (else transformers generate)")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="TRL's default; off is faster here")
     parser.add_argument("--patch-vllm-sync", action="store_true",
