@@ -346,7 +346,8 @@ class StageTrainer:
         if not hasattr(self, "_eval_examples"):
             self._eval_examples, _ = load_teacher_data(self.cfg.data, self.tokenizer, spec=self.cfg.data.eval_files,
                                                        max_rows=self.cfg.trainer.eval_prompts)
-        mine = self._eval_examples[self.rank :: self.world_size]
+        usable = len(self._eval_examples) - len(self._eval_examples) % self.world_size  # equal share per rank:
+        mine = self._eval_examples[:usable][self.rank :: self.world_size]  # ZeRO-3 generate runs in lock-step
         samples = self.engine.generate([e.prompt_ids for e in mine], seed=0, greedy=True, n=1)
         texts = [self.tokenizer.decode(g[0], skip_special_tokens=True) for g in samples]
         scores = [rouge_l_f1(text, e.response) for text, e in zip(texts, mine)]
