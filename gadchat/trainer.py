@@ -93,6 +93,8 @@ class StageTrainer:
                 logger.info("stage %s already finished at step %d/%d in %s; nothing to do (use a new "
                             "--trainer.output_dir or raise --trainer.max_steps to train further)",
                             t.stage, self.start_step, self.total_steps, self.output_dir)
+            if t.export_hf and not (checkpoint.final_dir(self.output_dir) / "actor" / "config.json").exists():
+                self.checkpoints.export_final()  # the run died between its last checkpoint and the export
             self.metrics.close()
             return {"finished": True, "step": self.start_step}
         if t.log_param_digest and self.start_step == 0:

@@ -116,6 +116,19 @@ def test_finished_stage_says_so(tiny_model, uninterrupted):
 
 
 @pytest.mark.slow
+def test_a_run_killed_before_its_export_exports_on_rerun(tiny_model, uninterrupted, tmp_path):
+    import shutil
+
+    out = tmp_path / "unexported"
+    shutil.copytree(uninterrupted, out)
+    shutil.rmtree(out / "final")
+    result = launch("warmup", 2, warmup_args(tiny_model, out, "--rollout.backend", "hf"))
+    assert "already finished" in result.stdout + result.stderr
+    assert_same_folder_weights(uninterrupted / "final" / "actor", out / "final" / "actor")
+    assert_same_folder_weights(uninterrupted / "final" / "critic", out / "final" / "critic")
+
+
+@pytest.mark.slow
 def test_broken_checkpoints_give_clear_errors(tiny_model, uninterrupted, tmp_path):
     import shutil
 
