@@ -73,6 +73,9 @@ class RolloutConfig:
     sync_bucket_mb: float = 256.0
     """Actor parameters are gathered from ZeRO-3 and pushed to vLLM in buckets of this size."""
     enforce_eager: bool = True
+    vllm_sleep: bool = False
+    """GPU only: vLLM sleeps (weights offloaded to CPU memory, KV cache freed) while DeepSpeed trains,
+    and wakes before each rollout; frees GPU memory for the training engines."""
     hf_micro_batch_size: int = 64
 
 

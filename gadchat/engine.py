@@ -237,7 +237,7 @@ class HybridEngine:
                     eos_ids=self.eos_ids, seed=t.seed + self.rank,
                     gpu_memory_utilization=r.vllm_gpu_memory_utilization,
                     tensor_parallel_size=r.tensor_parallel_size, enforce_eager=r.enforce_eager,
-                    trust_remote_code=m.trust_remote_code)
+                    trust_remote_code=m.trust_remote_code, sleep_between_rollouts=r.vllm_sleep)
                 self._rollout_needs_sync = True
             else:
                 self.rollout = HFRollout(self.actor, self.pad_token_id, self.eos_ids,

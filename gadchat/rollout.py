@@ -64,7 +64,9 @@ class VLLMRollout:
 
     def __init__(self, model_path: str, tokenizer_path: str, dtype: torch.dtype, max_model_len: int, eos_ids: set,
                  seed: int, gpu_memory_utilization: float = 0.35, tensor_parallel_size: int = 1,
-                 enforce_eager: bool = True, trust_remote_code: bool = False):
+                 enforce_eager: bool = True, trust_remote_code: bool = False, sleep_between_rollouts: bool = False):
+        if sleep_between_rollouts and not runtime.has_cuda():
+            raise ValueError("rollout.vllm_sleep needs a GPU: vLLM's sleep mode is not available on CPU")
         from vllm import LLM
 
         dtype_name = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[dtype]
@@ -81,8 +83,17 @@ class VLLMRollout:
         )
         if runtime.has_cuda():
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+        if sleep_between_rollouts:
+            kwargs["enable_sleep_mode"] = True
         self.llm = LLM(**kwargs)
         self.eos_ids = set(eos_ids)
+        self.sleep_between_rollouts = sleep_between_rollouts
+        self.asleep = False
+
+    def _wake(self) -> None:
+        if self.asleep:
+            self.llm.wake_up()
+            self.asleep = False
 
     def generate(self, prompts: list, n: int, temperature: float, top_p: float, max_new_tokens: int,
                  seed: int, greedy: bool = False) -> list:
@@ -99,9 +110,13 @@ class VLLMRollout:
         )
         # A rollout is a function of (weights, prompts, seed) alone: no KV reused from earlier
         # batches, whose different prefill batching would perturb the float results (exact resume).
+        self._wake()
         self.llm.reset_prefix_cache()
         _seed_generators(seed)
         outputs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
+        if self.sleep_between_rollouts:  # level 1: weights kept in CPU memory, KV cache freed
+            self.llm.sleep(level=1)
+            self.asleep = True
         results = []
         for output in outputs:
             samples = [trim_at_eos(list(c.token_ids), self.eos_ids) for c in output.outputs]
@@ -110,6 +125,7 @@ class VLLMRollout:
 
     def load_weights(self, named_tensors: Iterable) -> None:
         """Reload every weight in place from ``(hf_name, tensor)`` pairs, then drop cached prefixes."""
+        self._wake()
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": named_tensors})
         self.llm.collective_rpc(_refresh_tied_lm_head)
         self.llm.reset_prefix_cache()
