@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from gadchat import runtime
+from gadchat.config import parse_betas
 
 logger = logging.getLogger("gadchat")
 
@@ -204,21 +205,11 @@ class CheckpointManager:
             return 0
         state = read_state(step_dir)
         self._check_compatible(step_dir, state)
-        for name, engine in self._engines().items():
-            try:
-                path, _ = engine.load_checkpoint(str(step_dir), tag=name, load_optimizer_states=True,
-                                                 load_lr_scheduler_states=True)
-            except (RuntimeError, EOFError, OSError, KeyError, ValueError, AssertionError) as exc:
-                raise CheckpointError(f"{step_dir / name}: the {name} checkpoint is truncated or corrupt "
-                                      f"({type(exc).__name__}: {str(exc)[:300]})") from exc
-            if path is None:
-                raise CheckpointError(f"{step_dir / name}: DeepSpeed found no {name} checkpoint there")
-        self._apply_configured_hyperparameters()
+        self._load_engines(step_dir)
         rng_file = step_dir / f"rng_rank{tr.rank}.pt"
         if not rng_file.exists():
             raise CheckpointError(f"{rng_file} is missing: the checkpoint was written by fewer ranks")
         runtime.set_rng_state(torch.load(rng_file, weights_only=False))
-        tr.engine.mark_actor_updated()
         if tr.rank == 0:
             logger.info("resumed %s from %s at step %d/%d", state["stage"], step_dir, state["step"], tr.total_steps)
         return int(state["step"])
@@ -249,10 +240,23 @@ class CheckpointManager:
         step_dir = latest_checkpoint(previous_output_dir)
         if step_dir is None:
             raise CheckpointError(f"trainer.init_optimizer_states: {previous_output_dir} has no checkpoint")
+        self._load_engines(step_dir, skip_missing=True)
+
+    def _load_engines(self, step_dir: Path, skip_missing: bool = False):
+        """Weights and optimizer states of every trained engine from ``step_dir`` (``skip_missing``:
+        engines the checkpoint lacks, e.g. a SeqKD checkpoint's discriminator, keep their own),
+        then this run's hyper-parameters; the rollout engine is re-synced before its next use."""
         for name, engine in self._engines().items():
-            if (step_dir / name).is_dir():
-                engine.load_checkpoint(str(step_dir), tag=name, load_optimizer_states=True,
-                                       load_lr_scheduler_states=False)
+            if skip_missing and not (step_dir / name).is_dir():
+                continue
+            try:
+                path, _ = engine.load_checkpoint(str(step_dir), tag=name, load_optimizer_states=True,
+                                                 load_lr_scheduler_states=True)
+            except (RuntimeError, EOFError, OSError, KeyError, ValueError, AssertionError) as exc:
+                raise CheckpointError(f"{step_dir / name}: the {name} checkpoint is truncated or corrupt "
+                                      f"({type(exc).__name__}: {str(exc)[:300]})") from exc
+            if path is None:
+                raise CheckpointError(f"{step_dir / name}: DeepSpeed found no {name} checkpoint there")
         self._apply_configured_hyperparameters()
         self.trainer.engine.mark_actor_updated()
 
@@ -262,7 +266,7 @@ class CheckpointManager:
         cfg = self.trainer.cfg
         for name, engine in self._engines().items():
             section = cfg.actor if name == "actor" else cfg.critic
-            betas = tuple(float(b) for b in str(section.betas).split(","))
+            betas = parse_betas(section.betas)
             for group in engine.optimizer.param_groups:
                 group["lr"], group["weight_decay"] = section.lr, section.weight_decay
                 if "betas" in group:

@@ -196,6 +196,11 @@ STAGE_DEFAULTS: dict[str, dict[str, dict]] = {
 }
 
 
+def parse_betas(text: str) -> tuple:
+    """``"0.9,0.999"`` (the ``betas`` field of the actor and critic sections) as AdamW's tuple."""
+    return tuple(float(b) for b in str(text).split(","))
+
+
 def _field_type(owner, f: dataclasses.Field):
     hints = typing.get_type_hints(owner)
     return hints[f.name]

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from gadchat import runtime
-from gadchat.config import GADConfig
+from gadchat.config import GADConfig, parse_betas
 from gadchat.losses import token_entropy, token_log_probs
 from gadchat.models import attn_implementation, load_causal_lm, load_discriminator, load_tokenizer, resolve_model_path
 from gadchat.rollout import HFRollout, VLLMRollout, choose_backend
@@ -145,8 +145,7 @@ def deepspeed_config(cfg: GADConfig, lr_section, train: bool, dtype: torch.dtype
 
 
 def _optimizer(params, section):
-    betas = tuple(float(b) for b in str(section.betas).split(","))
-    kwargs = dict(lr=section.lr, betas=betas, weight_decay=section.weight_decay)
+    kwargs = dict(lr=section.lr, betas=parse_betas(section.betas), weight_decay=section.weight_decay)
     if runtime.has_cuda():
         kwargs["fused"] = True
     return torch.optim.AdamW(params, **kwargs)
@@ -183,7 +182,7 @@ class HybridEngine:
                 ref_model.requires_grad_(False)
                 self.ref = self._initialize(ref_model, cfg.actor, train=False)
                 self.ref.eval()
-            self.critic = None
+            self.critic, self.critic_trainable = None, False
             if need_critic:
                 path = resolve_model_path(critic_path or m.critic_path or self.actor_path)
                 critic_model = self._load(
@@ -240,10 +239,13 @@ class HybridEngine:
                     trust_remote_code=m.trust_remote_code, sleep_between_rollouts=r.vllm_sleep)
                 self._rollout_needs_sync = True
             else:
-                self.rollout = HFRollout(self.actor, self.pad_token_id, self.eos_ids,
-                                         synced_gpus=self.zero3 and self.world_size > 1,
-                                         micro_batch_size=r.hf_micro_batch_size)
+                self.rollout = self.actor_generator()
         return self.rollout
+
+    def actor_generator(self) -> HFRollout:
+        """transformers ``generate`` on the training actor (ZeRO-3-safe with several ranks)."""
+        return HFRollout(self.actor, self.pad_token_id, self.eos_ids, synced_gpus=self.zero3 and self.world_size > 1,
+                         micro_batch_size=self.cfg.rollout.hf_micro_batch_size)
 
     # ------------------------------------------------------------------------------------------
     # rollout
@@ -364,8 +366,7 @@ class HybridEngine:
         self.sync_rollout_weights()
         rollout = self.rollout.generate(prompts, n=1, temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens,
                                         seed=0, greedy=True)
-        reference = HFRollout(self.actor, self.pad_token_id, self.eos_ids, synced_gpus=self.zero3 and self.world_size > 1)
-        actor = reference.generate(prompts, n=1, temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens,
+        actor = self.actor_generator().generate(prompts, n=1, temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens,
                                    seed=0, greedy=True)
         return sum(a[0] == b[0] for a, b in zip(rollout, actor)) / max(1, len(prompts))
 
@@ -373,8 +374,3 @@ class HybridEngine:
         for engine in (self.actor, self.critic):
             if engine is not None:
                 engine.eval()
-
-    def train_mode(self):
-        self.actor.train()
-        if self.critic is not None and self.critic_trainable:
-            self.critic.train()

@@ -21,7 +21,7 @@ import threading
 from dataclasses import dataclass
 
 from gadchat.models import resolve_model_path
-from gadchat.rollout import BACKENDS, choose_backend, vllm_available  # noqa: F401  (re-exported for the CLIs)
+from gadchat.rollout import BACKENDS, choose_backend  # noqa: F401  (BACKENDS re-exported for the CLIs)
 
 
 @dataclass

@@ -150,14 +150,3 @@ def all_reduce_mean(values: dict) -> dict:
     dist.all_reduce(tensor)
     tensor /= dist.get_world_size()
     return {k: v for k, v in zip(keys, tensor.tolist())}
-
-
-def all_reduce_sum(values: dict) -> dict:
-    import torch.distributed as dist
-
-    if not values or not dist.is_initialized() or dist.get_world_size() == 1:
-        return dict(values)
-    keys = _same_keys_on_all_ranks(values)
-    tensor = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device())
-    dist.all_reduce(tensor)
-    return {k: v for k, v in zip(keys, tensor.tolist())}

@@ -58,7 +58,6 @@ class StageTrainer:
             logger.info("teacher data %s: %s", cfg.data.train_files, report.summary())
             for text in report.examples_of_skips:
                 logger.warning("skipped: %s", text)
-        self.data_report = report
         self.schedule = PromptSchedule(len(self.examples), cfg.trainer.prompts_per_step, self.world_size, self.rank,
                                        cfg.trainer.seed, cfg.data.shuffle)
         self.total_steps = self.schedule.total_steps(cfg.trainer.epochs, cfg.trainer.max_steps)
@@ -191,8 +190,8 @@ class StageTrainer:
             metrics["critic/d_loss"] = float(bradley_terry_loss(t_all, s_all))
         return metrics, s_all
 
-    def sft_micro_steps(self, teacher: SequenceBatch) -> tuple:
-        """Closures for the token-mean SFT loss over the teacher batch, and its token count."""
+    def sft_micro_steps(self, teacher: SequenceBatch) -> list:
+        """Closures for the token-mean SFT loss over the teacher batch."""
         mb = self.cfg.actor.micro_batch_size
         total_tokens = float(teacher.target_mask.sum())
 
@@ -204,7 +203,7 @@ class StageTrainer:
                 return sft_loss(log_probs, mask, denominator=total_tokens)
             return forward
 
-        return [micro_step(s) for s in range(0, len(teacher), mb)], total_tokens
+        return [micro_step(s) for s in range(0, len(teacher), mb)]
 
     def kl_micro_steps(self, student: SequenceBatch, ref_log_probs: torch.Tensor, coef: float, collected: list):
         """Closures for ``coef * token-mean k3 KL(actor || ref)`` over the student samples."""
@@ -233,7 +232,7 @@ class StageTrainer:
 
     def seqkd_step(self, step: int, batch) -> dict:
         teacher = self.teacher_batch(batch)
-        steps, tokens = self.sft_micro_steps(teacher)
+        steps = self.sft_micro_steps(teacher)
         with self.engine.timer("actor_update"):
             loss = self.engine.accumulate(self.engine.actor, steps)
         self.engine.mark_actor_updated()
@@ -249,7 +248,7 @@ class StageTrainer:
         metrics.update(_response_length_stats(samples))
         metrics["actor/updated"] = float(step >= self.cfg.trainer.critic_warmup)
         if step >= self.cfg.trainer.critic_warmup:
-            sft_steps, _ = self.sft_micro_steps(teacher)
+            sft_steps = self.sft_micro_steps(teacher)
             kl_values: list = []
             kl_steps = []
             if self.engine.ref is not None and self.cfg.actor.kl_coef > 0:
