@@ -44,6 +44,8 @@ class Completion:
     finish_reason: str
     """``"stop"`` (ended with an EOS) or ``"length"`` (hit ``max_new_tokens``)."""
     num_tokens: int
+    token_ids: tuple = ()
+    """The generated token ids, up to and including the first EOS (what a scorer should read)."""
 
 
 def _eos_ids(tokenizer, model_generation_config=None) -> list:
@@ -141,9 +143,9 @@ class Generator:
         for position, token in enumerate(tokens):
             if token in eos:
                 text = self.tokenizer.decode(tokens[:position], skip_special_tokens=True)
-                return Completion(text, "stop", position + 1)
+                return Completion(text, "stop", position + 1, tuple(tokens[: position + 1]))
         tokens = [t for t in tokens if t != self.pad_id] if self.pad_id not in eos else tokens
-        return Completion(self.tokenizer.decode(tokens, skip_special_tokens=True), "length", len(tokens))
+        return Completion(self.tokenizer.decode(tokens, skip_special_tokens=True), "length", len(tokens), tuple(tokens))
 
     # -- generation ------------------------------------------------------------------------------
     def generate(self, conversations: list, settings: GenerationSettings | None = None, progress: bool = False) -> list:
@@ -209,7 +211,7 @@ class Generator:
             for sample in output.outputs:
                 reason = "stop" if sample.finish_reason == "stop" else "length" if sample.finish_reason == "length" \
                     else str(sample.finish_reason)
-                group.append(Completion(sample.text, reason, len(sample.token_ids)))
+                group.append(Completion(sample.text, reason, len(sample.token_ids), tuple(sample.token_ids)))
             results.append(group * settings.n if settings.greedy else group)
         return results
 
