@@ -12,7 +12,7 @@ def run_stage(stage: str, argv=None) -> dict:
     from gadchat.config import load_config
     from gadchat.trainer import StageTrainer
 
-    cfg = load_config(argv, stage=stage, description=f"GAD-Chat {stage} stage")
+    cfg = load_config(argv, stage=stage, description=f"GAD-Chat {stage} stage").check_paths()
     return StageTrainer(cfg).run()
 
 

@@ -13,11 +13,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 STAGES = ("seqkd", "warmup", "gad")
+DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
 
 
 @dataclass
@@ -57,6 +59,10 @@ class DataConfig:
     max_rows: int = 0
     """Use only the first N valid rows (0 = all); for quick runs."""
     shuffle: bool = True
+    eval_split: float = 0.0
+    """0 < f < 1: hold out a deterministic fraction f of ``train_files`` (by a hash of each row's
+    prompt) as the evaluation split; training never sees it and evaluation uses it instead of
+    ``eval_files``. 0 = off."""
 
 
 @dataclass
@@ -140,10 +146,21 @@ class TrainerConfig:
     progress_bar: bool = True
     log_param_digest: bool = False
     """Log ``digest/actor`` and ``digest/critic`` (sums over all weights) each step: which models moved."""
+    diagnostics_teacher: str = ""
+    """Warm-up and GAD: a teacher model we hold (folder or ``builtin:`` name), read only to log what
+    the discriminator's reward follows (``diag/...``: correlation with the teacher's likelihood and
+    with ``log p_T - log p_S``, length, EOS; teacher NLL and reverse KL of the rollouts). Never
+    enters a loss; a full copy per rank. Empty = off."""
     verify_rollout_sync: bool = False
     """After each weight push, check that vLLM's greedy output equals the actor's own (slow; a debug aid)."""
     export_hf: bool = True
     """Write Hugging Face folders of the final actor (and discriminator) into output_dir/final."""
+    overwrite: bool = False
+    """Starting fresh into an output_dir that already holds a run (metrics, checkpoints or final) is
+    refused unless this is true; then the old run's files are removed first."""
+    on_nonfinite: str = "error"
+    """A NaN/Inf loss or gradient norm: error = stop (nothing saved over the last good checkpoint);
+    skip = go on when DeepSpeed skipped that update (ZeRO 1-3 do), counted in ``nonfinite/skipped_steps``."""
 
 
 @dataclass
@@ -166,26 +183,156 @@ class GADConfig:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
 
     def validate(self) -> "GADConfig":
-        t, r = self.trainer, self.rollout
-        problems = []
-        if t.stage not in STAGES:
-            problems.append(f"trainer.stage must be one of {STAGES}, got {t.stage!r}")
-        if r.backend not in ("auto", "vllm", "hf"):
-            problems.append(f"rollout.backend must be auto, vllm or hf, got {r.backend!r}")
-        if self.data.overlong not in ("skip", "error"):
-            problems.append(f"data.overlong must be skip or error, got {self.data.overlong!r}")
-        if self.deepspeed.zero_stage not in (0, 1, 2, 3):
-            problems.append(f"deepspeed.zero_stage must be 0-3, got {self.deepspeed.zero_stage}")
-        if t.prompts_per_step < 1 or r.n < 1:
-            problems.append("trainer.prompts_per_step and rollout.n must be >= 1")
-        if self.actor.mini_batches < 1 or self.actor.ppo_epochs < 1:
-            problems.append("actor.mini_batches and actor.ppo_epochs must be >= 1")
+        """Every value with a range or a choice, checked before anything is built; the error lists
+        all problems on one line, each naming its flag."""
+        problems = value_problems(self)
         if problems:
-            raise ValueError("invalid configuration:\n  " + "\n  ".join(problems))
+            raise ValueError("invalid configuration: " + "; ".join(problems))
+        return self
+
+    def check_paths(self) -> "GADConfig":
+        """Local paths the run reads (model folders, DeepSpeed JSON, output dir), checked before any
+        engine is built; raises ValueError naming the flag."""
+        problems = path_problems(self)
+        if problems:
+            raise ValueError("invalid configuration: " + "; ".join(problems))
         return self
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def value_problems(cfg: "GADConfig") -> list:
+    """Pure: the flags of ``cfg`` whose values are out of range, as ``--flag must ..., got X`` texts."""
+    problems = []
+
+    def need(ok: bool, flag: str, rule: str, value):
+        if not ok:
+            problems.append(f"--{flag} must be {rule}, got {value!r}")
+
+    def number(flag: str, value, low=None, high=None, low_open=False, high_open=False):
+        ok = _finite(value)
+        if ok and low is not None:
+            ok = value > low if low_open else value >= low
+        if ok and high is not None:
+            ok = value < high if high_open else value <= high
+        if low is not None and high is not None:
+            rule = f"{'>' if low_open else '>='} {low} and {'<' if high_open else '<='} {high}"
+        elif low is not None:
+            rule = f"{'>' if low_open else '>='} {low}"
+        else:
+            rule = "a finite number"
+        need(ok, flag, rule, value)
+
+    def choice(flag: str, value, options):
+        need(value in options, flag, "one of " + ", ".join(map(str, options)), value)
+
+    t, r, d, a, c = cfg.trainer, cfg.rollout, cfg.data, cfg.actor, cfg.critic
+    choice("trainer.stage", t.stage, STAGES)
+    choice("rollout.backend", r.backend, ("auto", "vllm", "hf"))
+    choice("data.overlong", d.overlong, ("skip", "error"))
+    choice("deepspeed.zero_stage", cfg.deepspeed.zero_stage, (0, 1, 2, 3))
+    choice("model.dtype", cfg.model.dtype, DTYPES)
+    choice("trainer.on_nonfinite", t.on_nonfinite, ("error", "skip"))
+    need(bool(str(cfg.model.actor_path).strip()), "model.actor_path", "a hub id or a folder", cfg.model.actor_path)
+    need(bool(str(d.train_files).strip()), "data.train_files", "one or more files", d.train_files)
+    need(bool(str(t.output_dir).strip()), "trainer.output_dir", "a folder", t.output_dir)
+    # rollout
+    min_n = 2 if t.stage == "gad" else 1
+    rule_n = ">= 2 in the GAD stage (GRPO advantages of a single sample are 0)" if t.stage == "gad" else ">= 1"
+    need(isinstance(r.n, int) and r.n >= min_n, "rollout.n", rule_n, r.n)
+    number("rollout.temperature", r.temperature, 0, low_open=True)
+    number("rollout.top_p", r.top_p, 0, 1, low_open=True)
+    number("rollout.max_new_tokens", r.max_new_tokens, 1)
+    number("rollout.vllm_gpu_memory_utilization", r.vllm_gpu_memory_utilization, 0, 1, low_open=True)
+    number("rollout.vllm_cpu_kvcache_gib", r.vllm_cpu_kvcache_gib, 0, low_open=True)
+    number("rollout.tensor_parallel_size", r.tensor_parallel_size, 1)
+    number("rollout.sync_bucket_mb", r.sync_bucket_mb, 0, low_open=True)
+    number("rollout.hf_micro_batch_size", r.hf_micro_batch_size, 1)
+    # optimizers
+    trains_critic = t.stage != "seqkd" and not (t.stage == "gad" and c.freeze)
+    for name, section, trained in (("actor", a, True), ("critic", c, trains_critic)):
+        if trained:
+            number(f"{name}.lr", section.lr, 0, low_open=True)
+        number(f"{name}.weight_decay", section.weight_decay, 0)
+        number(f"{name}.grad_clip", section.grad_clip, 0)
+        try:
+            betas = parse_betas(section.betas)
+            ok = len(betas) == 2 and all(0 <= b < 1 for b in betas)
+        except ValueError:
+            ok = False
+        need(ok, f"{name}.betas", "two comma-separated numbers in [0, 1), e.g. 0.9,0.999", section.betas)
+    number("actor.micro_batch_size", a.micro_batch_size, 1)
+    number("actor.clip_eps", a.clip_eps, 0, low_open=True)
+    number("actor.kl_coef", a.kl_coef, 0)
+    number("actor.entropy_coef", a.entropy_coef, 0)
+    number("actor.ppo_epochs", a.ppo_epochs, 1)
+    number("actor.mini_batches", a.mini_batches, 1)
+    number("critic.micro_batch_prompts", c.micro_batch_prompts, 1)
+    number("critic.head_init_std", c.head_init_std, 0)
+    # data
+    number("data.max_prompt_tokens", d.max_prompt_tokens, 1)
+    number("data.max_response_tokens", d.max_response_tokens, 1)
+    number("data.max_rows", d.max_rows, 0)
+    need(_finite(d.eval_split) and (d.eval_split == 0 or 0 < d.eval_split < 1), "data.eval_split",
+         "0 (off) or a fraction > 0 and < 1", d.eval_split)
+    # trainer
+    number("trainer.prompts_per_step", t.prompts_per_step, 1)
+    number("trainer.epochs", t.epochs, 0, low_open=True)
+    number("trainer.max_steps", t.max_steps, 0)
+    number("trainer.critic_warmup", t.critic_warmup, 0)
+    number("trainer.save_every", t.save_every, 0)
+    number("trainer.keep_last", t.keep_last, 1)
+    number("trainer.log_every", t.log_every, 1)
+    number("trainer.eval_every", t.eval_every, 0)
+    number("trainer.eval_prompts", t.eval_prompts, 1)
+    need(bool(str(t.resume).strip()), "trainer.resume", "auto, none or a checkpoint folder", t.resume)
+    return problems
+
+
+def looks_like_local_path(text: str) -> bool:
+    """True for values that can only be a local path (absolute, ``./``, ``../``, ``~``, or more than
+    one ``/``); a hub id is ``name`` or ``org/name``."""
+    text = str(text)
+    return text.startswith(("/", "./", "../", "~", ".\\")) or text.count("/") > 1 or text in (".", "..")
+
+
+def path_problems(cfg: "GADConfig") -> list:
+    problems = []
+    for flag, value in (("model.actor_path", cfg.model.actor_path), ("model.critic_path", cfg.model.critic_path),
+                        ("model.tokenizer_path", cfg.model.tokenizer_path)):
+        if value and not value.startswith("builtin:") and looks_like_local_path(value):
+            path = Path(value).expanduser()
+            if not path.exists():
+                problems.append(f"--{flag} {value}: no such folder (a local model folder or a hub id org/name)")
+            elif not path.is_dir():
+                problems.append(f"--{flag} {value}: is a file, not a model folder")
+    if cfg.trainer.init_from and not Path(cfg.trainer.init_from).is_dir():
+        problems.append(f"--trainer.init_from {cfg.trainer.init_from}: no such folder")
+    ds_file = cfg.deepspeed.config_file
+    if ds_file:
+        path = Path(ds_file)
+        if not path.is_file():
+            problems.append(f"--deepspeed.config_file {ds_file}: no such file")
+        else:
+            try:
+                loaded = json.loads(path.read_text(encoding="utf-8"))
+                if not isinstance(loaded, dict):
+                    problems.append(f"--deepspeed.config_file {ds_file}: expected a JSON object, got {type(loaded).__name__}")
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                problems.append(f"--deepspeed.config_file {ds_file}: not valid JSON ({exc})")
+    out = Path(cfg.trainer.output_dir)
+    if out.exists() and not out.is_dir():
+        problems.append(f"--trainer.output_dir {out}: is a file, not a folder")
+    else:
+        parent = next((p for p in out.absolute().parents if p.exists()), None)
+        if parent is not None and not parent.is_dir():
+            problems.append(f"--trainer.output_dir {out}: {parent} is a file, not a folder")
+    return problems
 
 
 # Published per-stage defaults that differ from the dataclass defaults (DESIGN.md section 2).
@@ -282,8 +429,16 @@ def load_config(argv=None, stage: str | None = None, description: str = "GAD-Cha
         path = Path(args.config)
         if not path.exists():
             raise FileNotFoundError(f"--config: no such file {path}")
-        with open(path, encoding="utf-8") as handle:
-            from_yaml = yaml.safe_load(handle) or {}
+        try:
+            with open(path, encoding="utf-8-sig") as handle:
+                from_yaml = yaml.safe_load(handle) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise ValueError(f"--config {path}{where}: not valid YAML ({problem})") from None
+        except (UnicodeDecodeError, IsADirectoryError) as exc:
+            raise ValueError(f"--config {path}: cannot be read as UTF-8 text ({exc})") from None
         if not isinstance(from_yaml, dict):
             raise ValueError(f"{path}: expected a mapping of sections, got {type(from_yaml).__name__}")
     yaml_trainer = from_yaml.get("trainer")

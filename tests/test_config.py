@@ -26,7 +26,8 @@ def all_fields():
 
 
 SPECIAL_VALUES = {"trainer.stage": "gad", "rollout.backend": "hf", "data.overlong": "error",
-                  "actor.betas": "0.8,0.95", "critic.betas": "0.85,0.9", "trainer.resume": "none"}
+                  "actor.betas": "0.8,0.95", "critic.betas": "0.85,0.9", "trainer.resume": "none",
+                  "model.dtype": "bfloat16", "trainer.on_nonfinite": "skip"}
 
 
 def non_default(section, name, kind, default):
@@ -40,7 +41,7 @@ def non_default(section, name, kind, default):
         value = 2 if default != 2 else 1
         return str(value), value
     if kind is float:
-        value = default + 0.5
+        value = default + 0.5 if default + 0.5 <= 1 or key != "rollout.top_p" else default - 0.5
         return repr(value), value
     assert kind is str, (key, kind)
     return f"value-of-{name}", f"value-of-{name}"
@@ -260,13 +261,44 @@ def test_local_rank_is_accepted():
 
 @pytest.mark.parametrize("section,name,value,text", [
     ("trainer", "stage", "ppo", "trainer.stage must be one of"),
-    ("rollout", "backend", "tpu", "rollout.backend must be auto, vllm or hf"),
-    ("deepspeed", "zero_stage", 4, "deepspeed.zero_stage must be 0-3, got 4"),
-    ("deepspeed", "zero_stage", -1, "deepspeed.zero_stage must be 0-3, got -1"),
-    ("data", "overlong", "truncate", "data.overlong must be skip or error"),
-    ("trainer", "prompts_per_step", 0, "trainer.prompts_per_step and rollout.n must be >= 1"),
-    ("rollout", "n", 0, "trainer.prompts_per_step and rollout.n must be >= 1"),
-    ("actor", "mini_batches", 0, "actor.mini_batches and actor.ppo_epochs must be >= 1"),
+    ("rollout", "backend", "tpu", "--rollout.backend must be one of auto, vllm, hf, got 'tpu'"),
+    ("deepspeed", "zero_stage", 4, "--deepspeed.zero_stage must be one of 0, 1, 2, 3, got 4"),
+    ("deepspeed", "zero_stage", -1, "--deepspeed.zero_stage must be one of 0, 1, 2, 3, got -1"),
+    ("data", "overlong", "truncate", "--data.overlong must be one of skip, error"),
+    ("trainer", "prompts_per_step", 0, "--trainer.prompts_per_step must be >= 1, got 0"),
+    ("rollout", "n", 0, "--rollout.n must be >= 1, got 0"),
+    ("actor", "mini_batches", 0, "--actor.mini_batches must be >= 1, got 0"),
+    # issue 10: every field with a range is checked up front, naming its flag
+    ("rollout", "temperature", -1.0, "--rollout.temperature must be > 0, got -1.0"),
+    ("rollout", "temperature", 0.0, "--rollout.temperature must be > 0, got 0.0"),
+    ("rollout", "top_p", 2.0, "--rollout.top_p must be > 0 and <= 1, got 2.0"),
+    ("rollout", "top_p", 0.0, "--rollout.top_p must be > 0 and <= 1"),
+    ("rollout", "max_new_tokens", 0, "--rollout.max_new_tokens must be >= 1, got 0"),
+    ("actor", "betas", "0.9", "--actor.betas must be two comma-separated numbers in [0, 1)"),
+    ("critic", "betas", "0.9,x", "--critic.betas must be two comma-separated numbers in [0, 1)"),
+    ("actor", "betas", "0.9,1.0", "--actor.betas must be two"),
+    ("actor", "micro_batch_size", 0, "--actor.micro_batch_size must be >= 1, got 0"),
+    ("critic", "micro_batch_prompts", 0, "--critic.micro_batch_prompts must be >= 1, got 0"),
+    ("trainer", "max_steps", -3, "--trainer.max_steps must be >= 0, got -3"),
+    ("trainer", "epochs", 0.0, "--trainer.epochs must be > 0, got 0.0"),
+    ("trainer", "save_every", -1, "--trainer.save_every must be >= 0, got -1"),
+    ("trainer", "keep_last", 0, "--trainer.keep_last must be >= 1, got 0"),
+    ("trainer", "log_every", 0, "--trainer.log_every must be >= 1, got 0"),
+    ("actor", "lr", -1.0, "--actor.lr must be > 0, got -1.0"),
+    ("actor", "lr", float("nan"), "--actor.lr must be > 0, got nan"),
+    ("critic", "lr", 0.0, "--critic.lr must be > 0, got 0.0"),
+    ("actor", "kl_coef", -0.1, "--actor.kl_coef must be >= 0, got -0.1"),
+    ("actor", "clip_eps", 0.0, "--actor.clip_eps must be > 0, got 0.0"),
+    ("actor", "grad_clip", -1.0, "--actor.grad_clip must be >= 0, got -1.0"),
+    ("actor", "weight_decay", -0.01, "--actor.weight_decay must be >= 0"),
+    ("data", "max_prompt_tokens", 0, "--data.max_prompt_tokens must be >= 1, got 0"),
+    ("data", "max_response_tokens", 0, "--data.max_response_tokens must be >= 1, got 0"),
+    ("data", "max_rows", -1, "--data.max_rows must be >= 0, got -1"),
+    ("data", "eval_split", 1.0, "--data.eval_split must be 0 (off) or a fraction > 0 and < 1, got 1.0"),
+    ("data", "eval_split", -0.1, "--data.eval_split must be 0 (off)"),
+    ("trainer", "on_nonfinite", "ignore", "--trainer.on_nonfinite must be one of error, skip, got 'ignore'"),
+    ("model", "dtype", "fp8", "--model.dtype must be one of auto"),
+    ("rollout", "vllm_gpu_memory_utilization", 1.5, "--rollout.vllm_gpu_memory_utilization must be > 0 and <= 1"),
 ])
 def test_validate_rejects_bad_values(section, name, value, text):
     cfg = GADConfig()
@@ -283,7 +315,7 @@ def test_validate_reports_all_problems_and_runs_on_flags():
         cfg.validate()
     message = str(info.value)
     assert "trainer.stage" in message and "rollout.backend" in message and "deepspeed.zero_stage" in message
-    with pytest.raises(ValueError, match="deepspeed.zero_stage must be 0-3, got 5"):
+    with pytest.raises(ValueError, match="deepspeed.zero_stage must be one of 0, 1, 2, 3, got 5"):
         load_config(["--deepspeed.zero_stage", "5"])
     with pytest.raises(ValueError, match="rollout.backend"):
         load_config(["--rollout.backend", "tpu"])
@@ -383,3 +415,51 @@ def test_yaml_that_is_not_a_mapping_is_a_clear_error(tmp_path):
     path = write_yaml(tmp_path / "stage_list.yaml", "trainer:\n  stage: [gad]\n")
     with pytest.raises(ValueError, match="trainer.stage must be one of"):
         load_config(["--config", str(path)])
+
+
+def test_gad_stage_needs_two_samples_per_prompt_and_critic_lr_is_free_when_frozen():
+    with pytest.raises(ValueError, match=r"--rollout.n must be >= 2 in the GAD stage"):
+        load_config(["--rollout.n", "1"], stage="gad")
+    assert load_config(["--rollout.n", "1"], stage="warmup").rollout.n == 1  # the BT loss is defined with one sample
+    with pytest.raises(ValueError, match=r"--critic.lr must be > 0"):
+        load_config(["--critic.lr", "0"], stage="gad")
+    assert load_config(["--critic.lr", "0", "--critic.freeze", "true"], stage="gad").critic.lr == 0
+    assert load_config(["--critic.lr", "0"], stage="seqkd").critic.lr == 0  # SeqKD trains no discriminator
+
+
+def test_validation_problems_come_on_one_line():
+    with pytest.raises(ValueError) as info:
+        load_config(["--rollout.temperature", "-1", "--actor.micro_batch_size", "0"])
+    message = str(info.value)
+    assert "\n" not in message
+    assert "--rollout.temperature" in message and "--actor.micro_batch_size" in message
+
+
+def test_broken_yaml_names_file_and_line(tmp_path):
+    path = write_yaml(tmp_path / "broken.yaml", "actor:\n  lr: [1e-6\nrollout:\n  n: 4\n")
+    with pytest.raises(ValueError, match=r"broken.yaml, line \d+, column \d+: not valid YAML") as info:
+        load_config(["--config", str(path)])
+    assert "\n" not in str(info.value)
+    bom = tmp_path / "bom.yaml"
+    bom.write_bytes("\ufeffrollout:\n  n: 3\n".encode("utf-8"))
+    assert load_config(["--config", str(bom)]).rollout.n == 3
+
+
+def test_paths_are_checked_before_any_engine(tmp_path):
+    with pytest.raises(ValueError, match=r"--model.actor_path /nonexistent/model: no such folder"):
+        load_config(["--model.actor_path", "/nonexistent/model"]).check_paths()
+    with pytest.raises(ValueError, match=r"--model.critic_path ./nowhere: no such folder"):
+        load_config(["--model.critic_path", "./nowhere"]).check_paths()
+    load_config(["--model.actor_path", "Qwen/Qwen2.5-0.5B-Instruct"]).check_paths()  # a hub id is not checked
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    with pytest.raises(ValueError, match=r"--trainer.output_dir .*a_file: is a file, not a folder"):
+        load_config(["--trainer.output_dir", str(a_file)]).check_paths()
+    with pytest.raises(ValueError, match=r"a_file is a file, not a folder"):
+        load_config(["--trainer.output_dir", str(a_file / "run")]).check_paths()
+    broken = tmp_path / "ds.json"
+    broken.write_text('{"zero_optimization": {"stage": 3,}')
+    with pytest.raises(ValueError, match=r"--deepspeed.config_file .*ds.json: not valid JSON"):
+        load_config(["--deepspeed.config_file", str(broken)]).check_paths()
+    with pytest.raises(ValueError, match=r"--trainer.init_from .*: no such folder"):
+        load_config(["--trainer.init_from", str(tmp_path / "none")], stage="gad").check_paths()
