@@ -47,14 +47,19 @@ def resolve_model_path(path: str) -> str:
         raise FileNotFoundError(
             f"{path} holds no config.json and no final/actor/config.json: give an exported model folder, "
             "a training output dir, or a hub id")
-    name = path[len(BUILTIN_PREFIX):]
-    if name not in BUILTIN_SHAPES:
-        raise ValueError(f"unknown builtin model {path!r}; known: {', '.join(BUILTIN_PREFIX + k for k in BUILTIN_SHAPES)}")
+    from gadchat.known_teacher import RECIPES as TRAINED_RECIPES, ensure_lm
     from gadchat.tiny import ensure_tiny_model
 
+    name = path[len(BUILTIN_PREFIX):]
+    if name not in BUILTIN_SHAPES and name not in TRAINED_RECIPES:
+        known = [*BUILTIN_SHAPES, *TRAINED_RECIPES]
+        raise ValueError(f"unknown builtin model {path!r}; known: {', '.join(BUILTIN_PREFIX + k for k in known)}")
     folder = cache_dir() / f"builtin-{name}"
     if runtime.is_rank0():
-        ensure_tiny_model(folder, **BUILTIN_SHAPES[name])
+        if name in BUILTIN_SHAPES:
+            ensure_tiny_model(folder, **BUILTIN_SHAPES[name])
+        else:  # the known-teacher benchmark's trained models (minutes to build, once)
+            ensure_lm(name, folder)
     runtime.barrier()
     return str(folder)
 
