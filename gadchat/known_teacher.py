@@ -192,7 +192,7 @@ def build_lm(out_dir, recipe: LMRecipe, rows: list | None = None, log=print) -> 
     model.save_pretrained(out, safe_serialization=True)
     (out / "TINY_MODEL.md").write_text(
         f"Known-teacher benchmark model built by gadchat.known_teacher: {recipe}.\n"
-        f"{len(examples)} paragraph examples; final loss {losses[-1]:.4f}.\n")
+        f"{len(examples)} paragraph examples; final loss {losses[-1] if losses else float('nan'):.4f}.\n")
     return out
 
 

@@ -1,0 +1,305 @@
+"""The known-teacher quality benchmark: does GAD bring a student closer to its teacher than SeqKD?
+
+The teacher is a model we hold (``builtin:kt-teacher``, :mod:`gadchat.known_teacher`), so the
+evaluation reads its exact likelihoods, while training stays black-box: the stages see only the
+teacher's sampled text, in the published data layout, through the ordinary data path and the real
+launcher scripts (DeepSpeed ZeRO-3, vLLM rollouts). Arms, at equal teacher data and equal actor
+optimizer steps (``seqkd`` steps = warm-up actor steps + GAD steps):
+
+- ``start``: the untrained student;
+- ``seqkd``: SFT on the teacher's answers;
+- ``warmup``: GAD warm-up (discriminator only for ``critic_warmup`` steps, then SFT + discriminator);
+- ``gad``: the warm-up followed by the GAD stage;
+- ``gad_frozen``: the same with the discriminator frozen (the reward-hacking ablation).
+
+Each arm is evaluated on the held-out prompts (:func:`gadchat.known_teacher.evaluate_against_teacher`);
+the GAD stages log the reward diagnostics (``--trainer.diagnostics_teacher``). Output: per-seed
+results, ``results.json``, ``results.md`` (mean and spread over seeds) and PNG plots.
+
+    python -m applications.known_teacher --seeds 42 43 44 --output-dir outputs/known_teacher
+    python -m applications.known_teacher --seeds 42 --arms seqkd,warmup,gad   # the CPU demo
+
+Flags after ``--`` go to every stage; ``--gad-flags`` only to the GAD stages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+REPO = Path(__file__).resolve().parent.parent
+RECIPE = REPO / "configs" / "known_teacher.yaml"
+ARMS = ("start", "seqkd", "warmup", "gad", "gad_frozen")
+TEACHER_MAX_NEW_TOKENS = 128  # the teacher data's cap; the recipe's rollouts use the same
+METRICS = [  # (key, label, lower is better)
+    ("reverse_kl", "reverse KL / token", True),
+    ("teacher_nll", "teacher NLL / token (samples)", True),
+    ("greedy_teacher_nll", "teacher NLL / token (greedy)", True),
+    ("forward_nll", "forward NLL / token", True),
+    ("length_ratio", "length / teacher's", None),
+    ("eos_share", "ends in EOS", None),
+    ("distinct_2", "distinct-2", None),
+    ("rouge_l", "ROUGE-L (greedy)", False),
+]
+CURVES = ["reward/mean", "critic/d_acc", "response_length/mean", "actor/kl", "diag/reward_vs_log_ratio",
+          "diag/reward_vs_teacher_logp", "diag/reward_vs_length", "diag/reverse_kl"]
+
+
+def log(text: str) -> None:
+    print(text, flush=True)
+
+
+def prepare(backend: str) -> dict:
+    """Teacher, student and teacher data, each built once into the cache."""
+    from gadchat import runtime
+    from gadchat.known_teacher import SHIPPED, read_rows, sample_teacher_data
+    from gadchat.models import cache_dir, resolve_model_path
+
+    runtime.set_process_defaults()
+    started = time.perf_counter()
+    paths = {"teacher": resolve_model_path("builtin:kt-teacher"), "student": resolve_model_path("builtin:kt-student")}
+    data = cache_dir() / "known-teacher-data"
+    for split in ("train", "test"):
+        target = data / f"{split}.jsonl"
+        if not target.exists():
+            counts = sample_teacher_data(paths["teacher"], read_rows(SHIPPED / f"{split}.jsonl"), target,
+                                         TEACHER_MAX_NEW_TOKENS, seed=0 if split == "train" else 1, backend=backend)
+            log(f"[known-teacher] teacher data {split}: {counts['kept']} of {counts['prompts']} prompts kept "
+                f"({counts['cut']} answers hit the {TEACHER_MAX_NEW_TOKENS}-token cap and were dropped) -> {target}")
+        paths[split] = str(target)
+    log(f"[known-teacher] teacher, student and teacher data ready ({time.perf_counter() - started:.0f} s)")
+    return paths
+
+
+def stage_plan(arm: str, args) -> list:
+    """``(stage, run folder name, init_from run name or None, extra flags)`` for one arm."""
+    warm_actor_steps = args.warmup_steps - args.critic_warmup
+    warmup = ("warmup", "warmup", None, ["--trainer.max_steps", args.warmup_steps,
+                                         "--trainer.critic_warmup", args.critic_warmup])
+    gad_flags = ["--trainer.max_steps", args.gad_steps, *shlex.split(args.gad_flags)]
+    if arm == "seqkd":
+        return [("seqkd", "seqkd", None, ["--trainer.max_steps", warm_actor_steps + args.gad_steps])]
+    if arm == "warmup":
+        return [warmup]
+    if arm == "gad":
+        return [warmup, ("gad", "gad", "warmup", gad_flags)]
+    if arm == "gad_frozen":
+        return [warmup, ("gad", "gad_frozen", "warmup", gad_flags + ["--critic.freeze", "true"])]
+    raise ValueError(arm)
+
+
+def train_seed(seed: int, arms: list, paths: dict, args, extra: list) -> dict:
+    """Run the arms' stages for one seed (a shared warm-up runs once); returns run folders by name."""
+    from applications.run_pipeline import run_stage
+
+    root = Path(args.output_dir).resolve() / f"seed{seed}"
+    runs, wall = {}, {}
+    launcher = SimpleNamespace(model=paths["student"], deployment="cpu", num_procs=args.num_procs)
+    for arm in arms:
+        for stage, name, init_name, flags in stage_plan(arm, args):
+            if name in runs:
+                continue
+            output = root / name / "run"
+            common = ["--config", RECIPE, "--data.train_files", paths["train"], "--data.eval_files", paths["test"],
+                      "--trainer.seed", seed, "--trainer.tensorboard", "true"]
+            if stage != "seqkd" and not args.no_diagnostics:
+                common += ["--trainer.diagnostics_teacher", paths["teacher"]]
+            init = runs[init_name] if init_name else None
+            wall[name] = run_stage(stage, launcher, output, init, [str(v) for v in common + flags + extra])
+            runs[name] = output
+    return {"runs": runs, "wall": wall}
+
+
+def read_metrics(run: Path) -> list:
+    path = Path(run) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def summarise(per_seed: dict, arms: list) -> dict:
+    """``{arm: {metric: (mean, std, values)}}`` over seeds (std = sample std; 0 for one seed)."""
+    out = {}
+    for arm in arms:
+        out[arm] = {}
+        for key, _, _ in METRICS:
+            values = [per_seed[s][arm][key] for s in per_seed if arm in per_seed[s]]
+            std = statistics.stdev(values) if len(values) > 1 else 0.0
+            out[arm][key] = (statistics.mean(values), std, values)
+    return out
+
+
+def table(summary: dict, arms: list, teacher_self: dict | None) -> str:
+    header = "| arm | " + " | ".join(label for _, label, _ in METRICS) + " |"
+    lines = [header, "|---" * (len(METRICS) + 1) + "|"]
+    for arm in arms:
+        cells = [f"{summary[arm][k][0]:.3f} ± {summary[arm][k][1]:.3f}" for k, _, _ in METRICS]
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    if teacher_self:
+        lines.append("| teacher (itself) | " + " | ".join(f"{teacher_self[k]:.3f}" for k, _, _ in METRICS) + " |")
+    return "\n".join(lines)
+
+
+def goal_checks(summary: dict) -> list:
+    """The issue's goal, each as (statement, met) from the means and the seed spread."""
+    checks = []
+    def have(*arms):
+        return all(a in summary for a in arms)
+    if have("gad", "seqkd"):
+        for key in ("reverse_kl", "teacher_nll"):
+            (g, gs, _), (s, ss, _) = summary["gad"][key], summary["seqkd"][key]
+            checks.append((f"GAD {key} {g:.3f} lower than SeqKD {s:.3f} by more than the spread ({max(gs, ss):.3f})",
+                           s - g > max(gs, ss)))
+        g, s = summary["gad"]["forward_nll"][0], summary["seqkd"]["forward_nll"][0]
+        checks.append((f"GAD forward NLL {g:.3f} no more than 5% above SeqKD {s:.3f}", g <= 1.05 * s))
+    if have("seqkd", "start"):
+        s, b = summary["seqkd"]["reverse_kl"][0], summary["start"]["reverse_kl"][0]
+        checks.append((f"SeqKD reverse KL {s:.3f} lower than the untrained student's {b:.3f}", s < b))
+    if have("gad_frozen", "gad"):
+        f, g = summary["gad_frozen"]["reverse_kl"][0], summary["gad"]["reverse_kl"][0]
+        checks.append((f"frozen-discriminator GAD ends further from the teacher (reverse KL {f:.3f} vs {g:.3f})", f > g))
+    return checks
+
+
+def plot(summary: dict, arms: list, per_seed_runs: dict, out_dir: Path) -> list:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    fig, axes = plt.subplots(2, 4, figsize=(16, 7))
+    for ax, (key, label, lower) in zip(axes.flat, METRICS):
+        means = [summary[a][key][0] for a in arms]
+        stds = [summary[a][key][1] for a in arms]
+        ax.bar(arms, means, yerr=stds, capsize=4, color=["#999", "#4a7", "#48c", "#c54", "#c9a"][: len(arms)])
+        for i, arm in enumerate(arms):
+            ax.scatter([i] * len(summary[arm][key][2]), summary[arm][key][2], color="k", s=8, zorder=3)
+        ax.set_title(label + ("" if lower is None else " (lower is better)" if lower else " (higher is better)"), fontsize=9)
+        ax.tick_params(axis="x", labelrotation=30, labelsize=8)
+    fig.suptitle("Known-teacher benchmark: held-out metrics per arm (mean, seed spread, seeds as dots)")
+    fig.tight_layout()
+    path = out_dir / "metrics_per_arm.png"
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    written.append(path)
+
+    fig, axes = plt.subplots(2, 4, figsize=(16, 7))
+    for ax, key in zip(axes.flat, CURVES):
+        for seed, runs in per_seed_runs.items():
+            for name, style in (("gad", "-"), ("gad_frozen", ":")):
+                rows = [r for r in read_metrics(runs.get(name, Path("/nonexistent"))) if key in r]
+                if rows:
+                    ax.plot([r["step"] for r in rows], [r[key] for r in rows], style, label=f"{name} s{seed}")
+        ax.set_title(key, fontsize=9)
+        ax.set_xlabel("GAD step", fontsize=8)
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="lower center", ncol=min(6, len(labels)), fontsize=8)
+    fig.suptitle("GAD stage per step (solid: GAD, dotted: frozen discriminator)")
+    fig.tight_layout(rect=(0, 0.05, 1, 0.95))
+    path = out_dir / "gad_curves.png"
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    written.append(path)
+    return written
+
+
+def environment() -> str:
+    import torch
+    import transformers
+
+    try:
+        import vllm
+
+        vllm_version = vllm.__version__
+    except ImportError:
+        vllm_version = "not installed"
+    import deepspeed
+
+    return (f"{platform.node()} ({platform.machine()}, {__import__('os').cpu_count()} cores), Python "
+            f"{platform.python_version()}, torch {torch.__version__}, deepspeed {deepspeed.__version__}, "
+            f"transformers {transformers.__version__}, vllm {vllm_version}, {time.strftime('%Y-%m-%d')}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44])
+    parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {','.join(ARMS)}")
+    parser.add_argument("--output-dir", default="outputs/known_teacher")
+    parser.add_argument("--warmup-steps", type=int, default=40)
+    parser.add_argument("--critic-warmup", type=int, default=10)
+    parser.add_argument("--gad-steps", type=int, default=30)
+    parser.add_argument("--gad-flags", default="", help="extra flags for the GAD stages only, as one string")
+    parser.add_argument("--num-procs", type=int, default=2, help="ranks per stage")
+    parser.add_argument("--eval-prompts", type=int, default=0, help="held-out prompts to evaluate on (0 = all)")
+    parser.add_argument("--eval-samples", type=int, default=2, help="student samples per held-out prompt")
+    parser.add_argument("--backend", default="auto", choices=("auto", "vllm", "hf"), help="for data and evaluation")
+    parser.add_argument("--no-diagnostics", action="store_true", help="do not score rollouts under the teacher")
+    args, extra = parser.parse_known_args(argv)
+    if extra and extra[0] == "--":
+        extra = extra[1:]
+    arms = [a for a in args.arms.split(",") if a]
+    unknown = sorted(set(arms) - set(ARMS))
+    if unknown:
+        parser.error(f"--arms: unknown {', '.join(unknown)} (known: {', '.join(ARMS)})")
+    if args.warmup_steps <= args.critic_warmup:
+        parser.error("--warmup-steps must exceed --critic-warmup (the warm-up must update the actor)")
+    out = Path(args.output_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    paths = prepare(args.backend)
+
+    trained = {}
+    for seed in args.seeds:
+        trained[seed] = train_seed(seed, [a for a in arms if a != "start"], paths, args, extra)
+
+    from transformers import AutoTokenizer
+
+    from gadchat.known_teacher import evaluate_against_teacher, held_out
+
+    heldout = held_out(Path(paths["test"]), AutoTokenizer.from_pretrained(paths["student"]), args.eval_prompts)
+    per_seed = {}
+    for seed in args.seeds:
+        runs = trained[seed]["runs"]
+        models = {arm: (paths["student"] if arm == "start" else str(runs[arm if arm != "gad_frozen" else "gad_frozen"]))
+                  for arm in arms}
+        per_seed[seed] = evaluate_against_teacher(models, paths["teacher"], heldout, args.eval_samples,
+                                                  TEACHER_MAX_NEW_TOKENS, seed=seed, backend=args.backend)
+    teacher_self = evaluate_against_teacher({"teacher": paths["teacher"]}, paths["teacher"], heldout, args.eval_samples,
+                                            TEACHER_MAX_NEW_TOKENS, seed=0, backend=args.backend)["teacher"]
+    summary = summarise(per_seed, arms)
+    total = time.perf_counter() - started
+    checks = goal_checks(summary)
+    per_stage_wall = {seed: {k: round(v) for k, v in trained[seed]["wall"].items()} for seed in args.seeds}
+    report = [
+        f"Seeds {args.seeds}; {len(heldout.messages)} held-out prompts x {args.eval_samples} samples (T = 1, "
+        f"<= {TEACHER_MAX_NEW_TOKENS} tokens) + 1 greedy answer each. Warm-up {args.warmup_steps} steps "
+        f"(critic_warmup {args.critic_warmup}), GAD {args.gad_steps} steps, SeqKD "
+        f"{args.warmup_steps - args.critic_warmup + args.gad_steps} steps (equal actor updates).",
+        f"Stage flags: {' '.join(map(str, extra)) or '(recipe only)'}; GAD flags: {args.gad_flags or '(none)'}.",
+        "", table(summary, arms, teacher_self), "",
+        *[f"- [{'x' if met else ' '}] {text}" for text, met in checks], "",
+        f"Total wall time {total:.0f} s (stage wall times per seed: {per_stage_wall}). {environment()}.",
+    ]
+    text = "\n".join(report)
+    (out / "results.md").write_text(text + "\n")
+    (out / "results.json").write_text(json.dumps({
+        "args": {k: v for k, v in vars(args).items()}, "extra": [str(e) for e in extra], "per_seed": per_seed,
+        "teacher_self": teacher_self, "summary": summary, "checks": checks, "wall_s": total,
+        "runs": {s: {k: str(v) for k, v in trained[s]["runs"].items()} for s in args.seeds}}, indent=1))
+    pictures = plot(summary, arms, {s: trained[s]["runs"] for s in args.seeds}, out)
+    log("\n" + text)
+    log(f"\n[known-teacher] results: {out / 'results.md'}, {out / 'results.json'}; plots: "
+        + ", ".join(str(p) for p in pictures))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,165 @@
+"""The known-teacher set-up: metric functions on hand-computed values, a deterministic teacher
+build, teacher data in the published layout read by the ordinary data path, and the reward
+diagnostics on hand-made cases."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+
+from gadchat import teacher_metrics as tm
+from tests.conftest import HAS_VLLM
+
+# ---------------------------------------------------------------------------------------------
+# metric functions
+
+
+def test_per_token_metrics_pool_over_tokens():
+    # two samples: 2 tokens and 1 token (the third position is padding)
+    teacher = torch.tensor([[-1.0, -3.0, -99.0], [-2.0, -99.0, -99.0]])
+    student = torch.tensor([[-0.5, -1.0, 0.0], [-4.0, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    assert tm.teacher_nll_per_token(teacher, mask) == pytest.approx((1 + 3 + 2) / 3)
+    # (lp_S - lp_T): 0.5, 2.0, -2.0 -> 0.5 / 3
+    assert tm.reverse_kl_per_token(student, teacher, mask) == pytest.approx(0.5 / 3)
+    assert tm.forward_nll_per_token(student, mask) == pytest.approx((0.5 + 1.0 + 4.0) / 3)
+    with pytest.raises(ValueError, match="no response tokens"):
+        tm.teacher_nll_per_token(teacher, torch.zeros_like(mask))
+
+
+def test_length_eos_and_distinct():
+    assert tm.length_ratio([10, 20], [15, 15, 30]) == pytest.approx(15 / 20)
+    assert tm.eos_share([True, False, True, True]) == pytest.approx(0.75)
+    # bigrams: (1,2) (2,1) (1,2) | (3,3) -> distinct {(1,2), (2,1), (3,3)} of 4
+    assert tm.distinct_n([[1, 2, 1, 2], [3, 3], [5]], 2) == pytest.approx(3 / 4)
+    assert tm.distinct_n([[1], []], 2) == 0.0
+
+
+def test_spearman_hand_values_and_ties():
+    assert tm.ranks([10, 30, 20, 20]) == [1.0, 4.0, 2.5, 2.5]
+    assert tm.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert tm.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    # ranks x = 1,2,3 ; y = 1,3,2 -> rho = 1 - 6*sum(d^2)/(n(n^2-1)) = 1 - 6*2/24 = 0.5
+    assert tm.spearman([1, 2, 3], [5, 9, 7]) == pytest.approx(0.5)
+    assert tm.spearman([1, 1, 1], [1, 2, 3]) is None
+
+
+def test_within_group_spearman_skips_constant_groups():
+    scores = [[1, 2, 3], [3, 2, 1], [5, 5, 5]]
+    targets = [[1, 2, 3], [1, 3, 2], [1, 2, 3]]
+    out = tm.within_group_spearman(scores, targets)
+    assert out["groups"] == 2
+    assert out["mean"] == pytest.approx((1.0 + -0.5) / 2)
+    assert out["positive_share"] == pytest.approx(0.5)
+
+
+def test_reward_diagnostics_on_a_hand_made_case():
+    # 2 prompts x 3 samples. The reward equals the sequence log-ratio log p_T - log p_S exactly in the
+    # first group and is its reverse in the second; length is 1 token everywhere but the last row.
+    teacher = torch.tensor([[-1.0, 0], [-2.0, 0], [-3.0, 0], [-1.0, 0], [-2.0, 0], [-3.0, -1.0]])
+    student = torch.tensor([[-2.0, 0], [-2.0, 0], [-2.0, 0], [-2.0, 0], [-2.0, 0], [-2.0, -1.0]])
+    mask = torch.tensor([[1.0, 0], [1, 0], [1, 0], [1, 0], [1, 0], [1, 1]])
+    log_ratio = tm.sequence_sums(teacher - student, mask)  # 1, 0, -1, 1, 0, -1
+    assert log_ratio.tolist() == [1.0, 0.0, -1.0, 1.0, 0.0, -1.0]
+    rewards = torch.stack([log_ratio[:3], -log_ratio[3:]])
+    out = tm.reward_diagnostics(rewards, teacher, student, mask, lengths=[1, 1, 1, 1, 1, 2],
+                                ended=[True, False, True, True, True, True])
+    assert out["diag/reward_vs_log_ratio"] == pytest.approx((1.0 - 1.0) / 2)
+    assert out["diag/reward_vs_teacher_logp"] == pytest.approx((1.0 - 1.0) / 2)
+    # group 2 alone has a length spread: reward (-1, 0, 1) vs length (1, 1, 2) -> ranks (1,2,3) vs (1.5,1.5,3)
+    assert out["diag/reward_vs_length"] == pytest.approx(tm.spearman([-1, 0, 1], [1, 1, 2]))
+    # group 1 alone has an EOS spread: reward (1, 0, -1) vs ended (1, 0, 1)
+    assert out["diag/reward_vs_ends_in_eos"] == pytest.approx(tm.spearman([1, 0, -1], [1, 0, 1]))
+    assert out["diag/teacher_nll"] == pytest.approx(13 / 7)
+    assert out["diag/reverse_kl"] == pytest.approx(tm.reverse_kl_per_token(student, teacher, mask))
+
+
+# ---------------------------------------------------------------------------------------------
+# the teacher build and its data
+
+
+def _small_recipe(steps: int = 3):
+    from gadchat.known_teacher import TEACHER
+
+    return dataclasses.replace(TEACHER, hidden_size=64, num_layers=1, intermediate_size=128, steps=steps, num_heads=2,
+                               tokens_per_batch=1024)
+
+
+def test_paragraph_examples_end_in_eos_and_fit(tmp_path):
+    from transformers import AutoTokenizer
+
+    from gadchat.known_teacher import PARAGRAPH_TOKENS, SHIPPED, paragraph_examples, read_rows
+    from gadchat.tiny import build_tokenizer
+
+    build_tokenizer(tmp_path)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    rows = read_rows(SHIPPED / "train.jsonl")[:20]
+    examples = paragraph_examples(rows, tokenizer, shuffle_prompts=False, seed=0)
+    assert len(examples) > 20  # several paragraphs per answer
+    assert all(r[-1] == tokenizer.eos_token_id and len(r) <= PARAGRAPH_TOKENS + 1 for _, r in examples)
+    shuffled = paragraph_examples(rows, tokenizer, shuffle_prompts=True, seed=0)
+    assert [r for _, r in shuffled] == [r for _, r in examples]  # same answers ...
+    assert sum(a[0] != b[0] for a, b in zip(shuffled, examples)) == len(examples)  # ... every one with another prompt
+
+
+def test_teacher_build_is_deterministic(tmp_path):
+    from safetensors.torch import load_file
+
+    from gadchat.known_teacher import SHIPPED, build_lm, read_rows
+
+    rows = read_rows(SHIPPED / "train.jsonl")[:40]
+    first = load_file(str(build_lm(tmp_path / "a", _small_recipe(), rows=rows, log=None) / "model.safetensors"))
+    second = load_file(str(build_lm(tmp_path / "b", _small_recipe(), rows=rows, log=None) / "model.safetensors"))
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    untrained = load_file(str(build_lm(tmp_path / "c", _small_recipe(steps=0), rows=rows, log=None) / "model.safetensors"))
+    assert any(not torch.equal(first[k], untrained[k]) for k in first)  # training moved it
+
+
+@pytest.mark.parametrize("backend", ["hf", pytest.param("vllm", marks=pytest.mark.skipif(not HAS_VLLM, reason="no vLLM"))])
+def test_teacher_data_is_published_layout_read_by_the_data_path(tmp_path, backend):
+    from transformers import AutoTokenizer
+
+    from gadchat.config import DataConfig
+    from gadchat.data import load_teacher_data
+    from gadchat.known_teacher import SHIPPED, build_lm, read_rows, sample_teacher_data
+
+    rows = read_rows(SHIPPED / "test.jsonl")[:12]
+    teacher = build_lm(tmp_path / "teacher", _small_recipe(steps=2), rows=read_rows(SHIPPED / "train.jsonl")[:10], log=None)
+    out = tmp_path / "data" / "train.jsonl"
+    counts = sample_teacher_data(str(teacher), rows, out, max_new_tokens=8, seed=0, backend=backend)
+    written = [json.loads(line) for line in out.read_text().splitlines()]
+    assert counts["prompts"] == 12 and counts["kept"] + counts["cut"] == 12 and counts["kept"] == len(written)
+    for row in written:
+        assert set(row) == {"content", "teacher_response"}
+        assert row["content"] in [r["content"] for r in rows] and row["teacher_response"].strip()
+    # an untrained-ish teacher with an 8-token cap is cut often: those rows are dropped, never given an EOS
+    assert counts["cut"] > 0
+    if written:
+        tokenizer = AutoTokenizer.from_pretrained(teacher)
+        examples, report = load_teacher_data(DataConfig(train_files=str(out)), tokenizer)
+        assert len(examples) == len(written) and all(e.response_ids[-1] == tokenizer.eos_token_id for e in examples)
+
+
+def test_evaluation_metrics_of_the_teacher_against_itself(tmp_path):
+    """The teacher scored as its own student: reverse KL exactly 0, forward NLL = its own NLL."""
+    from transformers import AutoTokenizer
+
+    from gadchat.known_teacher import SHIPPED, build_lm, evaluate_against_teacher, read_rows
+
+    teacher = build_lm(tmp_path / "teacher", _small_recipe(steps=2), rows=read_rows(SHIPPED / "train.jsonl")[:10], log=None)
+    test_rows = read_rows(SHIPPED / "test.jsonl")[:4]
+    data = tmp_path / "test.jsonl"
+    data.write_text("".join(json.dumps({"content": r["content"], "teacher_response": "Sure. It is so."}) + "\n" for r in test_rows))
+    from gadchat.known_teacher import held_out
+
+    heldout = held_out(data, AutoTokenizer.from_pretrained(teacher))
+    out = evaluate_against_teacher({"self": str(teacher)}, str(teacher), heldout, samples_per_prompt=2,
+                                   max_new_tokens=6, backend="hf", log=None)["self"]
+    assert out["reverse_kl"] == pytest.approx(0.0, abs=1e-6)
+    assert out["samples"] == 8 and 0 <= out["eos_share"] <= 1 and out["length"] <= 6
+    assert math.isfinite(out["forward_nll"]) and out["forward_nll"] > 0
