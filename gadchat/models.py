@@ -86,6 +86,34 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     return tokenizer
 
 
+def load_generation_config(path: str):
+    """The model folder's ``generation_config.json`` (None when it has none)."""
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(path)
+    except (OSError, ValueError):
+        return None
+
+
+def eos_token_ids(tokenizer, generation_config=None) -> list:
+    """The one EOS set: the tokenizer's EOS plus the generation config's ``eos_token_id`` (an int or
+    a list; Qwen2.5-Instruct names ``<|im_end|>`` and ``<|endoftext|>``), sorted. Both rollout
+    backends stop on it, the trimmer keeps the first of them, and the discriminator reads any of
+    them as the tokenizer's EOS (``SequenceBatch.with_final_token``)."""
+    ids = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    configured = getattr(generation_config, "eos_token_id", None)
+    if isinstance(configured, int):
+        ids.add(configured)
+    elif configured:
+        ids.update(int(i) for i in configured)
+    if not ids:
+        raise ValueError("the tokenizer and generation config name no EOS token; cannot tell where an answer ends")
+    return sorted(ids)
+
+
 def load_causal_lm(path: str, dtype: torch.dtype, attn: str, gradient_checkpointing: bool = False,
                    trust_remote_code: bool = False):
     from transformers import AutoModelForCausalLM
@@ -102,23 +130,37 @@ def load_causal_lm(path: str, dtype: torch.dtype, attn: str, gradient_checkpoint
 class Discriminator(nn.Module):
     """``D(x, y)``: the sequence-classification model's head output at the last valid token.
 
-    No sigmoid, no length normalisation. ``forward`` returns one score per sequence.
+    No sigmoid, no length normalisation. ``forward`` returns one score per sequence. With
+    ``pooling="sum"`` (or ``"mean"``) the head is applied at every position and ``D`` is the sum
+    (mean) of its outputs over the response tokens, ``sum_t w . h_t`` (an experimental option,
+    ``--critic.pooling``); the default ``"last"`` is the paper's discriminator.
     """
 
-    def __init__(self, seqcls_model: nn.Module):
+    def __init__(self, seqcls_model: nn.Module, pooling: str = "last"):
         super().__init__()
+        if pooling not in ("last", "sum", "mean"):
+            raise ValueError(f"critic.pooling must be last, sum or mean, got {pooling!r}")
         self.seqcls = seqcls_model
+        self.pooling = pooling
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, last_index: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, last_index: torch.Tensor,
+                response_mask: torch.Tensor | None = None) -> torch.Tensor:
         backbone = self.seqcls.base_model
         hidden = backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        rows = torch.arange(hidden.shape[0], device=hidden.device)
-        pooled = hidden[rows, last_index]
-        return self.seqcls.score(pooled).squeeze(-1).float()
+        if self.pooling == "last":
+            rows = torch.arange(hidden.shape[0], device=hidden.device)
+            return self.seqcls.score(hidden[rows, last_index]).squeeze(-1).float()
+        if response_mask is None:
+            raise ValueError(f"critic.pooling={self.pooling} needs the response mask")
+        per_token = self.seqcls.score(hidden).squeeze(-1).float()
+        mask = response_mask.to(per_token.dtype)
+        total = (per_token * mask).sum(-1)
+        return total if self.pooling == "sum" else total / mask.sum(-1).clamp(min=1)
 
 
 def load_discriminator(path: str, pad_token_id: int, dtype: torch.dtype, attn: str, head_init_std: float = 0.0,
-                       seed: int = 0, gradient_checkpointing: bool = False, trust_remote_code: bool = False) -> Discriminator:
+                       seed: int = 0, gradient_checkpointing: bool = False, trust_remote_code: bool = False,
+                       pooling: str = "last") -> Discriminator:
     """Backbone from ``path`` (a causal-LM or an exported discriminator) plus a scalar ``score`` head.
 
     A head missing from the checkpoint is initialised explicitly, ``N(0, std)`` with a seeded
@@ -147,4 +189,4 @@ def load_discriminator(path: str, pad_token_id: int, dtype: torch.dtype, attn: s
                 generator = torch.Generator().manual_seed(seed)
                 fresh = torch.randn(weight.shape, generator=generator, dtype=torch.float32) * std
                 weight.data.copy_(fresh.to(weight.dtype))
-    return Discriminator(model)
+    return Discriminator(model, pooling)

@@ -80,3 +80,27 @@ def test_head_is_initialised_explicitly_and_deterministically(tiny_model, tokeni
 
 def tiny_hidden(model) -> int:
     return model.seqcls.config.hidden_size
+
+
+@pytest.mark.parametrize("pooling", ["sum", "mean"])
+def test_token_pooling_sums_the_head_over_response_tokens(tiny_model, tokenizer, pooling):
+    """``--critic.pooling sum|mean``: D is the sum (mean) of the head's output over the response
+    tokens only; prompt and padding positions do not count; ``last`` stays the last-token score."""
+    pooled = load_discriminator(str(tiny_model), tokenizer.pad_token_id, torch.float32, "sdpa", seed=3,
+                                pooling=pooling).eval()
+    last = load_discriminator(str(tiny_model), tokenizer.pad_token_id, torch.float32, "sdpa", seed=3).eval()
+    prompts = [[5, 6, 7], [8, 9]]
+    responses = [[10, 11, tokenizer.eos_token_id], [12, tokenizer.eos_token_id]]
+    batch = SequenceBatch.build(prompts, responses, tokenizer.pad_token_id)
+    with torch.no_grad():
+        got = pooled(batch.input_ids, batch.attention_mask, batch.last_index, batch.response_mask)
+        hidden = pooled.seqcls.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+        per_token = pooled.seqcls.score(hidden).squeeze(-1)
+        expected = [per_token[0, 3:6].sum(), per_token[1, 2:4].sum()]
+        if pooling == "mean":
+            expected = [expected[0] / 3, expected[1] / 2]
+        assert torch.allclose(got, torch.stack(expected), atol=1e-6)
+        same_last = last(batch.input_ids, batch.attention_mask, batch.last_index)
+        assert torch.allclose(same_last, torch.stack([per_token[0, 5], per_token[1, 3]]), atol=1e-6)
+    with pytest.raises(ValueError, match="response mask"):
+        pooled(batch.input_ids, batch.attention_mask, batch.last_index)
