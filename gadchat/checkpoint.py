@@ -10,9 +10,17 @@ Layout of a stage's ``output_dir``::
         rng_rank{r}.pt                 Python / NumPy / torch RNG states of every rank
         trainer_state.json             stage, step, data geometry, model signature (written last)
     final/actor/  final/critic/        Hugging Face folders (safetensors, tokenizer, chat template)
+    final/COMPLETE                     written last: the export is whole
 
 A checkpoint is complete only once ``latest`` names it, so a kill while one is written leaves the
-previous one in force. Only the newest ``trainer.keep_last`` are kept.
+previous one in force. Only the newest ``trainer.keep_last`` are kept. The final export is written
+to ``final.partial/`` and renamed to ``final/`` once ``COMPLETE`` is in it, so a ``final/`` folder
+is never torn.
+
+Loading runs no code: every ``.pt`` file is read with ``torch.load(weights_only=True)`` (tensors,
+plain containers and three DeepSpeed state classes), DeepSpeed's own loader included (its
+``checkpoint_engine.load`` is replaced per engine); the offline ZeRO-2/3 consolidation, which
+DeepSpeed unpickles itself, only runs after every file passed the same check.
 """
 
 from __future__ import annotations
@@ -32,6 +40,11 @@ logger = logging.getLogger("gadchat")
 
 LATEST = "latest"
 STATE_FILE = "trainer_state.json"
+COMPLETE = "COMPLETE"
+RUN_MARKERS = ("metrics.jsonl", "checkpoints", "final", "final.partial", "tensorboard", "config.json")
+"""What a stage writes into its output_dir (``--trainer.overwrite true`` removes them)."""
+CHECKPOINT_BYTES_PER_PARAM = 16
+"""fp32 weights + two Adam moments (12) plus the low-precision copy and slack: a checkpoint's size."""
 
 
 class CheckpointError(RuntimeError):
@@ -46,6 +59,11 @@ def final_dir(output_dir) -> Path:
     return Path(output_dir) / "final"
 
 
+def export_complete(output_dir) -> bool:
+    """True once a stage's final export is whole (its ``final/COMPLETE`` marker, written last)."""
+    return (final_dir(output_dir) / COMPLETE).exists()
+
+
 def handoff_paths(cfg) -> tuple:
     """Model folders a stage starts from: ``trainer.init_from``'s exported final actor and
     discriminator, or the configured model paths."""
@@ -53,16 +71,147 @@ def handoff_paths(cfg) -> tuple:
         return None, None
     source = final_dir(cfg.trainer.init_from)
     actor = source / "actor"
-    if not (actor / "config.json").exists():
+    if not export_complete(cfg.trainer.init_from):
         raise CheckpointError(
-            f"trainer.init_from={cfg.trainer.init_from}: no exported actor at {actor} "
-            "(did that stage finish with --trainer.export_hf true?)")
+            f"trainer.init_from={cfg.trainer.init_from}: no complete export at {source} (no {source / COMPLETE}; "
+            "did that stage finish with --trainer.export_hf true? rerun it to finish its export)")
     critic = source / "critic"
     critic_path = str(critic) if (critic / "config.json").exists() else None
     if cfg.trainer.stage == "gad" and critic_path is None:
         logger.warning("trainer.init_from=%s has no discriminator; the GAD stage starts from a fresh one",
                        cfg.trainer.init_from)
     return str(actor), critic_path
+
+
+# ----------------------------------------------------------------------------------------------
+# the output dir: no silent overwrite
+
+
+def previous_run_files(output_dir) -> list:
+    """Pure: the files of an earlier run in ``output_dir`` (metrics, checkpoints, export)."""
+    out = Path(output_dir)
+    return [name for name in ("metrics.jsonl", "checkpoints", "final", "final.partial") if (out / name).exists()]
+
+
+def starts_fresh(cfg) -> bool:
+    """Whether this run starts at step 0 in its output_dir (resume none, auto with no checkpoint
+    there, or a checkpoint folder outside it)."""
+    t = cfg.trainer
+    if t.resume == "none":
+        return True
+    if t.resume == "auto":
+        return latest_checkpoint(t.output_dir) is None
+    own = Path(t.output_dir).resolve()
+    return own not in Path(t.resume).resolve().parents and Path(t.resume).resolve() != own
+
+
+def check_output_dir(cfg) -> bool:
+    """Refuse (CheckpointError, nothing written) to start fresh into an output_dir holding a run
+    unless ``trainer.overwrite``; returns True when the old run must be cleared first."""
+    out = Path(cfg.trainer.output_dir)
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"--trainer.output_dir {out} is a file, not a folder")
+    found = previous_run_files(out)
+    if not found or not starts_fresh(cfg):
+        return False
+    if cfg.trainer.overwrite:
+        return True
+    how = ("--trainer.resume none starts over" if cfg.trainer.resume == "none"
+           else "there is no checkpoint to resume from")
+    raise CheckpointError(
+        f"--trainer.output_dir {out} already holds a run ({', '.join(found)}) and {how}; pass "
+        "--trainer.overwrite true to replace it, or choose another --trainer.output_dir")
+
+
+def clear_previous_run(output_dir) -> None:
+    """Remove what an earlier run wrote (``RUN_MARKERS``), so nothing stale is left beside the new run."""
+    out = Path(output_dir)
+    for name in RUN_MARKERS:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+def require_free_space(folder, needed_bytes: int, what: str) -> None:
+    """Raise CheckpointError naming ``folder`` when the disk under it has less than ``needed_bytes``
+    free (checked on every rank, agreed collectively so no rank is left waiting)."""
+    folder = Path(folder)
+    probe = next((p for p in [folder, *folder.absolute().parents] if p.exists()), Path("/"))
+    free = shutil.disk_usage(probe).free
+    short = runtime.any_rank(free < needed_bytes)
+    if short:
+        raise CheckpointError(
+            f"not enough free disk space for {what} in {folder}: about {needed_bytes / 2**30:.2f} GiB needed, "
+            f"{free / 2**30:.2f} GiB free on this rank's disk; free some space or point --trainer.output_dir elsewhere")
+
+
+def _disk_error(folder, what: str, exc: BaseException) -> CheckpointError:
+    folder = Path(folder)
+    probe = next((p for p in [folder, *folder.absolute().parents] if p.exists()), Path("/"))
+    free = shutil.disk_usage(probe).free
+    return CheckpointError(f"writing {what} to {folder} failed ({type(exc).__name__}: {str(exc)[:200]}); "
+                           f"{free / 2**30:.2f} GiB free there - is the disk full?")
+
+
+# ----------------------------------------------------------------------------------------------
+# loading files without running code
+
+
+def _deepspeed_state_classes() -> list:
+    """The DeepSpeed classes its optimizer states pickle (plain data holders, no code on load)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
+
+
+def _refusal(path, exc: BaseException) -> CheckpointError:
+    import re
+
+    found = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) ([\w.]+)", str(exc))
+    what = f"the Python object {found.group(1)}" if found else "Python objects other than tensors"
+    return CheckpointError(
+        f"{path}: refused to load: it holds {what}, and unpickling it could run code; only tensors, plain "
+        "containers and DeepSpeed's state classes are loaded (README: Trusting checkpoints)")
+
+
+def safe_torch_load(path, map_location="cpu"):
+    """``torch.load(weights_only=True)`` with DeepSpeed's state classes allowed; a file holding any
+    other Python object raises CheckpointError naming it, without running anything."""
+    import pickle
+
+    try:
+        with torch.serialization.safe_globals(_deepspeed_state_classes()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise _refusal(path, exc) from None
+
+
+def verify_loadable_without_code(folder) -> None:
+    """Check, without unpickling, that every ``.pt`` under ``folder`` holds only allowed globals
+    (for readers that unpickle on their own, such as DeepSpeed's zero_to_fp32)."""
+    allowed = {f"{c.__module__}.{c.__qualname__}" for c in _deepspeed_state_classes()}
+    for path in sorted(Path(folder).rglob("*.pt")):
+        try:
+            unsafe = set(torch.serialization.get_unsafe_globals_in_checkpoint(str(path))) - allowed
+        except (RuntimeError, ValueError, OSError) as exc:  # not a zip archive: load it the safe way
+            try:
+                safe_torch_load(path)
+            except (RuntimeError, EOFError) as inner:
+                raise CheckpointError(f"{path} is truncated or corrupt ({inner})") from exc
+            continue
+        if unsafe:
+            raise _refusal(path, RuntimeError(f"Unsupported global: GLOBAL {sorted(unsafe)[0]}"))
+
+
+def _safe_checkpoint_engine(engine) -> None:
+    """Make DeepSpeed's loader of ``engine`` read with weights_only=True (it passes False itself)."""
+    checkpoint_engine = getattr(engine, "checkpoint_engine", None)
+    if checkpoint_engine is not None:
+        checkpoint_engine.load = lambda path, map_location=None: safe_torch_load(path, map_location)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -145,20 +294,28 @@ class CheckpointManager:
             "models": {name: model_signature(e.module) for name, e in self._engines().items()},
         }
 
+    def checkpoint_bytes(self) -> int:
+        """Estimated size of one checkpoint, all ranks together (parameter count x 16 bytes)."""
+        return sum(model_signature(e.module)["numel"] for e in self._engines().values()) * CHECKPOINT_BYTES_PER_PARAM
+
     def save(self, step: int) -> Path:
         tr = self.trainer
         step_dir = self.root / f"step_{step:08d}"
         with tr.engine.timer("checkpoint"):
-            if tr.rank == 0:
-                if step_dir.exists():  # a torn earlier attempt at this step
-                    shutil.rmtree(step_dir)
-                step_dir.mkdir(parents=True)
-            runtime.barrier()
-            for name, engine in self._engines().items():
-                engine.save_checkpoint(str(step_dir), tag=name, save_latest=False)
-            torch.save(runtime.rng_state(), step_dir / f"rng_rank{tr.rank}.pt")
-            if tr.rank == 0:
-                self._save_hf_metadata(step_dir)
+            require_free_space(self.root, self.checkpoint_bytes(), f"the step-{step} checkpoint")
+            try:
+                if tr.rank == 0:
+                    if step_dir.exists():  # a torn earlier attempt at this step
+                        shutil.rmtree(step_dir)
+                    step_dir.mkdir(parents=True)
+                runtime.barrier()
+                for name, engine in self._engines().items():
+                    engine.save_checkpoint(str(step_dir), tag=name, save_latest=False)
+                torch.save(runtime.rng_state(), step_dir / f"rng_rank{tr.rank}.pt")
+                if tr.rank == 0:
+                    self._save_hf_metadata(step_dir)
+            except (OSError, RuntimeError) as exc:
+                raise _disk_error(step_dir, f"the step-{step} checkpoint", exc) from exc
             runtime.barrier()
             _fault_injection_point("checkpoint_written_before_latest", step)
             if tr.rank == 0:
@@ -209,7 +366,12 @@ class CheckpointManager:
         rng_file = step_dir / f"rng_rank{tr.rank}.pt"
         if not rng_file.exists():
             raise CheckpointError(f"{rng_file} is missing: the checkpoint was written by fewer ranks")
-        runtime.set_rng_state(torch.load(rng_file, weights_only=False))
+        try:
+            runtime.set_rng_state(safe_torch_load(rng_file))
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            if isinstance(exc, CheckpointError):
+                raise
+            raise CheckpointError(f"{rng_file} is not an RNG state of this version ({type(exc).__name__}: {exc})") from exc
         if tr.rank == 0:
             logger.info("resumed %s from %s at step %d/%d", state["stage"], step_dir, state["step"], tr.total_steps)
         return int(state["step"])
@@ -249,9 +411,12 @@ class CheckpointManager:
         for name, engine in self._engines().items():
             if skip_missing and not (step_dir / name).is_dir():
                 continue
+            _safe_checkpoint_engine(engine)
             try:
                 path, _ = engine.load_checkpoint(str(step_dir), tag=name, load_optimizer_states=True,
                                                  load_lr_scheduler_states=True)
+            except CheckpointError:
+                raise
             except (RuntimeError, EOFError, OSError, KeyError, ValueError, AssertionError) as exc:
                 raise CheckpointError(f"{step_dir / name}: the {name} checkpoint is truncated or corrupt "
                                       f"({type(exc).__name__}: {str(exc)[:300]})") from exc
@@ -275,12 +440,33 @@ class CheckpointManager:
     # ------------------------------------------------------------------------------------------
 
     def export_final(self) -> Path:
-        out = final_dir(self.trainer.output_dir)
-        engine = self.trainer.engine
+        """Hugging Face folders of the actor (and discriminator), written to ``final.partial/``,
+        marked ``COMPLETE`` and renamed to ``final/``: a kill at any point leaves no torn ``final/``."""
+        tr = self.trainer
+        out = final_dir(tr.output_dir)
+        partial = out.with_name(out.name + ".partial")
+        engine = tr.engine
+        modules = {"actor": engine.actor.module}
+        if engine.critic is not None:
+            modules["critic"] = engine.critic.module.seqcls
         with engine.timer("export"):
-            export_live(engine.actor.module, out / "actor", engine.tokenizer, zero3=engine.zero3)
-            if engine.critic is not None:
-                export_live(engine.critic.module.seqcls, out / "critic", engine.tokenizer, zero3=engine.zero3)
+            needed = sum(model_signature(m)["numel"] for m in modules.values()) * torch.finfo(engine.dtype).bits // 8
+            require_free_space(tr.output_dir, needed, "the final export")
+            if tr.rank == 0 and partial.exists():
+                shutil.rmtree(partial)
+            runtime.barrier()
+            try:
+                for name, module in modules.items():
+                    export_live(module, partial / name, engine.tokenizer, zero3=engine.zero3)
+                    _fault_injection_point(f"export_wrote_{name}", 0)
+                if tr.rank == 0:
+                    _write_atomic(partial / COMPLETE, "\n".join(modules) + "\n")
+                    if out.exists():
+                        shutil.rmtree(out)
+                    os.replace(partial, out)
+            except (OSError, RuntimeError) as exc:
+                raise _disk_error(partial, "the final export", exc) from exc
+            runtime.barrier()
         return out
 
 
@@ -369,9 +555,19 @@ def export_from_checkpoint(checkpoint_path, out_dir, which: str = "actor", dtype
     if _is_tied(config, "lm_head.weight"):
         model.tie_weights()
     out = Path(out_dir)
-    _save_hf_folder(model, state, out, AutoTokenizer.from_pretrained(meta))
-    if (meta / "generation_config.json").exists():
-        shutil.copy(meta / "generation_config.json", out / "generation_config.json")
+    partial = out.with_name(out.name + ".partial")  # renamed once whole: a kill leaves no torn folder
+    if partial.exists():
+        shutil.rmtree(partial)
+    require_free_space(out.parent, sum(v.numel() * v.element_size() for v in state.values()), f"the {which} export")
+    try:
+        _save_hf_folder(model, state, partial, AutoTokenizer.from_pretrained(meta))
+        if (meta / "generation_config.json").exists():
+            shutil.copy(meta / "generation_config.json", partial / "generation_config.json")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(partial, out)
+    except OSError as exc:
+        raise _disk_error(partial, f"the {which} export", exc) from exc
     return out
 
 
@@ -382,6 +578,7 @@ def _is_tied(config, key: str) -> bool:
 def _consolidated_weights(step_dir: Path, which: str) -> dict:
     state = read_state(step_dir)
     engine_dir = step_dir / which
+    verify_loadable_without_code(engine_dir)
     if state.get("zero_stage", 0) >= 2:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -393,7 +590,9 @@ def _consolidated_weights(step_dir: Path, which: str) -> dict:
     if not files:
         raise CheckpointError(f"{engine_dir}: no mp_rank_*_model_states.pt file")
     try:
-        saved = torch.load(files[0], map_location="cpu", weights_only=False)
+        saved = safe_torch_load(files[0])
+    except CheckpointError:
+        raise
     except (EOFError, RuntimeError) as exc:
         raise CheckpointError(f"{files[0]} is truncated or corrupt ({exc})") from exc
     return {k: v.float() for k, v in saved["module"].items()}

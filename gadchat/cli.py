@@ -18,9 +18,14 @@ def run_stage(stage: str, argv=None) -> dict:
 
 def main_for(stage: str) -> None:
     from gadchat.checkpoint import CheckpointError
+    from gadchat.trainer import NonFiniteError
 
     try:
         run_stage(stage)
+    except NonFiniteError as exc:
+        # Training diverged: the step, the model and the quantity; nothing was saved over the last checkpoint.
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(3)
     except (ValueError, FileNotFoundError, CheckpointError) as exc:
         # Configuration, data and checkpoint problems: one clear line naming the culprit.
         print(f"error: {exc}", file=sys.stderr)

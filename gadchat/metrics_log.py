@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -18,6 +19,18 @@ CONSOLE_KEYS = {"critic/d_loss": "d_loss", "critic/d_acc": "d_acc", "critic/teac
                 "critic/student_score": "r_student", "actor/sft_loss": "sft", "actor/pg_loss": "pg", "actor/kl": "kl",
                 "reward/mean": "reward", "response_length/mean": "resp_len", "eval/rouge_l": "rougeL",
                 "throughput/tokens_per_s": "tok/s", "time/step": "s/step"}
+
+
+def json_safe(value):
+    """A metric value as strict JSON allows it: NaN and +-Inf become null (``json.dumps`` would
+    write the bare tokens ``NaN`` / ``Infinity``, which no JSON parser accepts)."""
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def nonfinite_metrics(metrics: dict) -> dict:
+    """Pure: the entries of ``metrics`` whose value is NaN or +-Inf."""
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not math.isfinite(float(v))}
 
 
 def read_metrics(output_dir) -> list:
@@ -63,13 +76,14 @@ class MetricsLogger:
     def log(self, step: int, metrics: dict, advance: bool = True) -> None:
         if not self.enabled:
             return
-        row = {"step": step, **{k: float(v) for k, v in metrics.items()}}
+        row = {"step": step, **{k: json_safe(v) for k, v in metrics.items()}}
         with open(self.path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(row) + "\n")
+            handle.write(json.dumps(row, allow_nan=False) + "\n")
             handle.flush()
         if self.writer is not None:
             for key, value in metrics.items():
-                self.writer.add_scalar(key, value, step)
+                if math.isfinite(float(value)):
+                    self.writer.add_scalar(key, value, step)
             self.writer.flush()
         shown = {name: f"{metrics[k]:.4g}" for k, name in CONSOLE_KEYS.items() if k in metrics}
         if self.bar is not None:

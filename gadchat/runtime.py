@@ -96,15 +96,25 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Python, NumPy and torch RNG states as tensors and plain numbers only, so the file they are
+    saved in loads with ``torch.load(weights_only=True)`` (no pickled objects, no code)."""
+    version, words, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": {"version": int(version), "words": torch.tensor(words, dtype=torch.int64),
+                        "gauss": gauss},
+             "numpy": {"kind": str(kind), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+             "torch": torch.get_rng_state()}
     if has_cuda():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    py, npy = state["python"], state["numpy"]
+    random.setstate((py["version"], tuple(int(w) for w in py["words"].tolist()), py["gauss"]))
+    np.random.set_state((npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                         npy["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if has_cuda() and "cuda" in state:
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -121,6 +131,17 @@ def barrier() -> None:
 
     if dist.is_initialized():
         dist.barrier()
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on any (one collective; plain ``flag`` when alone)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return bool(flag)
+    tensor = torch.tensor([1.0 if flag else 0.0], dtype=torch.float64, device=device())
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return bool(tensor.item())
 
 
 def _same_keys_on_all_ranks(values: dict) -> list:
@@ -150,3 +171,28 @@ def all_reduce_mean(values: dict) -> dict:
     dist.all_reduce(tensor)
     tensor /= dist.get_world_size()
     return {k: v for k, v in zip(keys, tensor.tolist())}
+
+
+def global_stats(values) -> dict:
+    """``mean``, unbiased ``std`` (as ``torch.std``), ``max`` and ``min`` of the values of every rank
+    pooled together, not means of per-rank figures; float64, three small collectives (every rank
+    must call it). Alone it is the plain statistics of ``values``."""
+    import torch.distributed as dist
+
+    local = torch.as_tensor(values, dtype=torch.float64).reshape(-1).cpu()
+    together = dist.is_initialized() and dist.get_world_size() > 1
+    dev = device()
+    inf = float("inf")
+    sums = torch.tensor([float(local.numel()), float(local.sum())], dtype=torch.float64, device=dev)
+    extremes = torch.tensor([float(local.max()) if local.numel() else -inf,
+                             -float(local.min()) if local.numel() else -inf], dtype=torch.float64, device=dev)
+    if together:
+        dist.all_reduce(sums)
+        dist.all_reduce(extremes, op=dist.ReduceOp.MAX)
+    count, total = sums.tolist()
+    mean = total / max(count, 1.0)
+    squares = torch.tensor([float(((local - mean) ** 2).sum())], dtype=torch.float64, device=dev)
+    if together:
+        dist.all_reduce(squares)
+    std = (squares.item() / (count - 1)) ** 0.5 if count > 1 else 0.0
+    return {"mean": mean, "std": std, "max": extremes[0].item(), "min": -extremes[1].item(), "count": count}

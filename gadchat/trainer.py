@@ -28,14 +28,33 @@ from gadchat.data import PromptSchedule, load_teacher_data
 from gadchat.engine import HybridEngine, SequenceBatch
 from gadchat.losses import (bradley_terry_loss, discriminator_metrics, grpo_advantages, kl_loss, masked_mean,
                             ppo_clip_loss, sft_loss)
-from gadchat.metrics_log import MetricsLogger
+from gadchat.metrics_log import MetricsLogger, nonfinite_metrics
 
 logger = logging.getLogger("gadchat")
 
 
+class NonFiniteError(RuntimeError):
+    """A NaN/Inf loss or gradient norm; the message names the step, the model and the quantity."""
+
+
 def _response_length_stats(samples: list) -> dict:
-    lengths = [len(s) for group in samples for s in group]
-    return {"response_length/mean": sum(lengths) / len(lengths), "response_length/max": float(max(lengths))}
+    """Mean and max response length over every rank's samples (a global max, not a mean of maxima)."""
+    stats = runtime.global_stats([len(s) for group in samples for s in group])
+    return {"response_length/mean": stats["mean"], "response_length/max": stats["max"]}
+
+
+def stage_seed(seed: int, stage: str) -> int:
+    """Seed of a stage's prompt order and rollout sampling, derived from ``(seed, stage)``: each
+    stage counts its steps from 0, and with the bare seed the GAD stage would replay the warm-up's
+    prompt order and sampling seeds step for step."""
+    import zlib
+
+    return zlib.crc32(f"{stage}:{int(seed)}".encode())
+
+
+def rollout_seed(seed: int, stage: str, step: int, rank: int) -> int:
+    """The sampling seed of one rank's rollout at ``step`` (a pure function: exact resume)."""
+    return stage_seed(seed, stage) * 1_000_003 + step * 1009 + rank
 
 
 class StageTrainer:
@@ -48,8 +67,15 @@ class StageTrainer:
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         runtime.seed_everything(cfg.trainer.seed)
         self.output_dir = Path(cfg.trainer.output_dir)
+        # Before anything is built or written: refuse to start over a run unless --trainer.overwrite.
+        self.clear_output_dir = checkpoint.check_output_dir(cfg)
         stage = cfg.trainer.stage
         actor_path, critic_path = checkpoint.handoff_paths(cfg)
+        if self.rank == 0:
+            actor_from = actor_path or cfg.model.actor_path
+            critic_from = critic_path or cfg.model.critic_path or f"{actor_from} (backbone) with a new score head"
+            logger.info("stage %s starts from actor %s%s", stage, actor_from,
+                        "" if stage == "seqkd" else f" and discriminator {critic_from}")
         self.engine = HybridEngine(cfg, self.rank, self.world_size, need_critic=stage != "seqkd",
                                    actor_path=actor_path, critic_path=critic_path)
         self.tokenizer = self.engine.tokenizer
@@ -59,10 +85,17 @@ class StageTrainer:
             for text in report.examples_of_skips:
                 logger.warning("skipped: %s", text)
         self.schedule = PromptSchedule(len(self.examples), cfg.trainer.prompts_per_step, self.world_size, self.rank,
-                                       cfg.trainer.seed, cfg.data.shuffle)
+                                       stage_seed(cfg.trainer.seed, stage), cfg.data.shuffle)
         self.total_steps = self.schedule.total_steps(cfg.trainer.epochs, cfg.trainer.max_steps)
         self.step_fn = {"seqkd": self.seqkd_step, "warmup": self.warmup_step, "gad": self.gad_step}[stage]
         self.checkpoints = checkpoint.CheckpointManager(self)
+        self.teacher_probe = None
+        if cfg.trainer.diagnostics_teacher and stage != "seqkd":
+            from gadchat.diagnostics import TeacherProbe
+            from gadchat.models import resolve_model_path
+
+            self.teacher_probe = TeacherProbe(resolve_model_path(cfg.trainer.diagnostics_teacher), self.engine.device,
+                                              cfg.actor.micro_batch_size)
         self.start_step = 0
         if stage != "seqkd" or cfg.trainer.eval_every:
             self.engine.build_rollout()
@@ -81,9 +114,14 @@ class StageTrainer:
     def run(self) -> dict:
         cfg, t = self.cfg, self.cfg.trainer
         if self.rank == 0:
+            if self.clear_output_dir:
+                logger.warning("--trainer.overwrite: removing the previous run in %s", self.output_dir)
+                checkpoint.clear_previous_run(self.output_dir)
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.output_dir / "config.json")
+        runtime.barrier()
         self.start_step = self.checkpoints.maybe_resume()
+        if self.rank == 0:  # only once the resume was accepted: a refused one leaves config.json alone
+            save_config(cfg, self.output_dir / "config.json")
         self.metrics = MetricsLogger(self.output_dir, enabled=self.rank == 0, tensorboard=t.tensorboard,
                                      progress=t.progress_bar, total=self.total_steps, start=self.start_step,
                                      stage=t.stage)
@@ -92,8 +130,8 @@ class StageTrainer:
                 logger.info("stage %s already finished at step %d/%d in %s; nothing to do (use a new "
                             "--trainer.output_dir or raise --trainer.max_steps to train further)",
                             t.stage, self.start_step, self.total_steps, self.output_dir)
-            if t.export_hf and not (checkpoint.final_dir(self.output_dir) / "actor" / "config.json").exists():
-                self.checkpoints.export_final()  # the run died between its last checkpoint and the export
+            if t.export_hf and not checkpoint.export_complete(self.output_dir):
+                self.checkpoints.export_final()  # the run died between its last checkpoint and the export's end
             self.metrics.close()
             return {"finished": True, "step": self.start_step}
         if t.log_param_digest and self.start_step == 0:
@@ -103,7 +141,18 @@ class StageTrainer:
             started = time.perf_counter()
             indices = self.schedule.rank_indices(step)
             batch = [self.examples[i] for i in indices]
-            local = self.step_fn(step, batch)
+            counters = self.optimizer_counters()
+            try:
+                local = self.step_fn(step, batch)
+            except RuntimeError as exc:  # e.g. transformers' sampler on NaN/Inf probabilities
+                if not any(word in str(exc).lower() for word in ("nan", "inf")):
+                    raise
+                last_good = checkpoint.latest_checkpoint(self.output_dir)
+                raise NonFiniteError(
+                    f"step {step + 1}: non-finite values in the actor or discriminator outputs "
+                    f"({str(exc).splitlines()[0][:200]}); stopping without saving; the last good checkpoint is "
+                    f"{last_good if last_good is not None else 'none'}. Lower --actor.lr / --critic.lr or the grad "
+                    "clip") from exc
             if t.log_param_digest:
                 local.update(self.param_digests())
             if t.verify_rollout_sync:
@@ -117,6 +166,7 @@ class StageTrainer:
             metrics["epoch"] = self.schedule.epoch_of(step + 1)
             tokens = metrics.pop("tokens", 0.0) * self.world_size
             metrics["throughput/tokens_per_s"] = tokens / max(metrics["time/step"], 1e-9)
+            self.check_finite(step + 1, metrics, counters)
             last = metrics
             if (step + 1) % t.log_every == 0 or step + 1 == self.total_steps:
                 self.metrics.log(step + 1, metrics)
@@ -131,6 +181,62 @@ class StageTrainer:
         return last
 
     # ------------------------------------------------------------------------------------------
+    # non-finite guard
+
+    def optimizer_counters(self) -> dict:
+        """``{model: (optimizer steps, steps DeepSpeed skipped)}`` of the trained engines."""
+        engines = {"actor": self.engine.actor}
+        if self.engine.critic is not None and self.engine.critic_trainable:
+            engines["critic"] = self.engine.critic
+        return {name: (int(e.global_steps), int(getattr(e, "skipped_steps", 0))) for name, e in engines.items()}
+
+    def check_finite(self, step: int, metrics: dict, before: dict) -> None:
+        """Add each stepped engine's gradient norm to ``metrics``, then check every value: a NaN/Inf
+        loss or gradient norm stops the run (``NonFiniteError``: nothing is saved, the last good
+        checkpoint stays) or, with ``--trainer.on_nonfinite skip``, is counted in
+        ``nonfinite/skipped_step`` when DeepSpeed skipped the update (ZeRO 1-3 skip a step whose
+        gradient norm is not finite; ZeRO-0 cannot, so there it still stops)."""
+        engines = {"actor": self.engine.actor, "critic": self.engine.critic}
+        applied, skipped_by_deepspeed = set(), set()
+        for name, (steps, skipped) in before.items():
+            engine = engines[name]
+            if int(engine.global_steps) == steps:
+                continue  # no update this step (e.g. the actor before critic_warmup)
+            norm = engine.get_global_grad_norm()
+            if int(getattr(engine, "skipped_steps", 0)) > skipped:
+                skipped_by_deepspeed.add(name)
+                norm = float("inf") if norm is None else norm
+            else:
+                applied.add(name)
+            if norm is not None:
+                metrics[f"{name}/grad_norm"] = float(norm)
+        bad = nonfinite_metrics(metrics)
+        skip_mode = self.cfg.trainer.on_nonfinite == "skip"
+        owners = {"critic" if key.startswith(("critic/", "reward/", "advantage/")) else key.split("/", 1)[0]
+                  for key in bad}
+        harmed = sorted(owners & applied)  # models whose non-finite update went through
+        if skip_mode:
+            metrics["nonfinite/skipped_step"] = float(bool(bad))
+        if not bad:
+            return
+        what = ", ".join(f"{key.replace('/', ' ', 1)} = {value}" for key, value in sorted(bad.items()))
+        if skip_mode and skipped_by_deepspeed and not harmed:
+            if self.rank == 0:
+                logger.warning("step %d: non-finite %s; DeepSpeed skipped the %s update (--trainer.on_nonfinite skip)",
+                               step, what, " and ".join(sorted(skipped_by_deepspeed)))
+            return
+        self.metrics.log(step, metrics)  # the bad row (non-finite values written as null), for the record
+        last = checkpoint.latest_checkpoint(self.output_dir)
+        reason = ""
+        if skip_mode:
+            reason = (f"the {' and '.join(harmed)} update was applied and cannot be undone, " if harmed
+                      else "no update was skipped, ")
+        raise NonFiniteError(
+            f"step {step}: non-finite {what}; {reason}stopping without saving; the last good checkpoint is "
+            f"{last if last is not None else 'none'}. Lower --actor.lr / --critic.lr or the grad clip"
+            + ("" if skip_mode else ", or pass --trainer.on_nonfinite skip to skip such steps"))
+
+    # ------------------------------------------------------------------------------------------
     # shared pieces
 
     def param_digests(self) -> dict:
@@ -141,8 +247,27 @@ class StageTrainer:
             out["digest/ref"] = self.engine.param_digest(self.engine.ref)
         return out
 
+    def reward_diagnostics(self, rewards: torch.Tensor, student: SequenceBatch, samples: list) -> dict:
+        """``diag/...`` metrics against ``--trainer.diagnostics_teacher`` (empty when it is not set)."""
+        if self.teacher_probe is None:
+            return {}
+        with self.engine.timer("diagnostics"):
+            actor = self.engine.log_probs_no_grad(self.engine.actor, student, self.cfg.actor.micro_batch_size)
+            return self.teacher_probe.step_metrics(rewards, student, actor, samples, self.engine.eos_ids)
+
     def rollout_seed(self, step: int) -> int:
-        return self.cfg.trainer.seed * 1_000_003 + step * 1009 + self.rank
+        return rollout_seed(self.cfg.trainer.seed, self.cfg.trainer.stage, step, self.rank)
+
+    def sample_temperature(self) -> float:
+        """Temperature of the log-probs of student samples (actor, old, reference): the rollout's
+        when ``actor.temperature_scaled_logprobs`` (verl), else 1 (raw logits)."""
+        t = self.cfg.rollout.temperature
+        return t if self.cfg.actor.temperature_scaled_logprobs and t > 0 else 1.0
+
+    def sft_temperature(self) -> float:
+        """Temperature of the SFT log-probs on teacher text: 1 unless ``actor.sft_temperature_scaled``."""
+        t = self.cfg.rollout.temperature
+        return t if self.cfg.actor.sft_temperature_scaled and t > 0 else 1.0
 
     def teacher_batch(self, batch) -> SequenceBatch:
         return SequenceBatch.build([e.prompt_ids for e in batch], [e.response_ids for e in batch], self.engine.pad_token_id)
@@ -194,11 +319,12 @@ class StageTrainer:
         """Closures for the token-mean SFT loss over the teacher batch."""
         mb = self.cfg.actor.micro_batch_size
         total_tokens = float(teacher.target_mask.sum())
+        temperature = self.sft_temperature()
 
         def micro_step(start):
             def forward():
                 part = teacher.slice(start, start + mb)
-                log_probs, _ = self.engine.log_probs(self.engine.actor, part)
+                log_probs, _ = self.engine.log_probs(self.engine.actor, part, temperature=temperature)
                 mask = part.target_mask.to(log_probs.device)
                 return sft_loss(log_probs, mask, denominator=total_tokens)
             return forward
@@ -209,11 +335,12 @@ class StageTrainer:
         """Closures for ``coef * token-mean k3 KL(actor || ref)`` over the student samples."""
         mb = self.cfg.actor.micro_batch_size
         total_tokens = student.target_mask.sum().clamp(min=1)
+        temperature = self.sample_temperature()
 
         def micro_step(start):
             def forward():
                 part = student.slice(start, start + mb)
-                log_probs, _ = self.engine.log_probs(self.engine.actor, part)
+                log_probs, _ = self.engine.log_probs(self.engine.actor, part, temperature=temperature)
                 mask = part.target_mask.to(log_probs.device)
                 ref = ref_log_probs[start : start + len(part), : log_probs.shape[1]].to(log_probs.device)
                 kl = kl_loss(log_probs, ref, mask, denominator=total_tokens)
@@ -225,7 +352,8 @@ class StageTrainer:
 
     def ref_log_probs(self, student: SequenceBatch) -> torch.Tensor:
         with self.engine.timer("ref_log_probs"):
-            return self.engine.log_probs_no_grad(self.engine.ref, student, self.cfg.actor.micro_batch_size)
+            return self.engine.log_probs_no_grad(self.engine.ref, student, self.cfg.actor.micro_batch_size,
+                                                 temperature=self.sample_temperature())
 
     # ------------------------------------------------------------------------------------------
     # stages
@@ -244,8 +372,9 @@ class StageTrainer:
     def warmup_step(self, step: int, batch) -> dict:
         teacher = self.teacher_batch(batch)
         samples, student = self.rollout(step, batch)
-        metrics, _ = self.update_discriminator(teacher, student)
+        metrics, scores = self.update_discriminator(teacher, student)
         metrics.update(_response_length_stats(samples))
+        metrics.update(self.reward_diagnostics(scores, student, samples))
         metrics["actor/updated"] = float(step >= self.cfg.trainer.critic_warmup)
         if step >= self.cfg.trainer.critic_warmup:
             sft_steps = self.sft_micro_steps(teacher)
@@ -275,11 +404,16 @@ class StageTrainer:
             metrics, rewards = self.score_students(teacher, student)
         advantages = grpo_advantages(rewards).reshape(-1)
         metrics.update(_response_length_stats(samples))
-        metrics.update({"reward/mean": float(rewards.mean()), "reward/std": float(rewards.std()),
-                        "advantage/mean": float(advantages.mean()), "advantage/std": float(advantages.std()),
-                        "advantage/max": float(advantages.max()), "advantage/min": float(advantages.min())})
-        ref = self.ref_log_probs(student) if self.engine.ref is not None else None
-        metrics.update(self.policy_update(student, advantages, ref))
+        metrics.update(self.reward_diagnostics(rewards, student, samples))
+        reward, advantage = runtime.global_stats(rewards), runtime.global_stats(advantages)  # pooled over ranks
+        metrics.update({"reward/mean": reward["mean"], "reward/std": reward["std"],
+                        "advantage/mean": advantage["mean"], "advantage/std": advantage["std"],
+                        "advantage/max": advantage["max"], "advantage/min": advantage["min"]})
+        # The gate applies here too (verl): the actor waits while step < critic_warmup (GAD default 0).
+        metrics["actor/updated"] = float(step >= self.cfg.trainer.critic_warmup)
+        if step >= self.cfg.trainer.critic_warmup:
+            ref = self.ref_log_probs(student) if self.engine.ref is not None else None
+            metrics.update(self.policy_update(student, advantages, ref))
         metrics["tokens"] = float(student.attention_mask.sum() + teacher.attention_mask.sum())
         return metrics
 
@@ -290,10 +424,11 @@ class StageTrainer:
         a = self.cfg.actor
         rows = len(student)
         single_step = a.ppo_epochs == 1 and a.mini_batches == 1
+        temperature = self.sample_temperature()
         old = None
         if not single_step:
             with self.engine.timer("old_log_probs"):
-                old = self.engine.log_probs_no_grad(self.engine.actor, student, a.micro_batch_size)
+                old = self.engine.log_probs_no_grad(self.engine.actor, student, a.micro_batch_size, temperature)
         sums = {"pg_loss": 0.0, "kl": 0.0, "entropy": 0.0, "clip_fraction": 0.0}
         updates = 0
         mini_size = math.ceil(rows / a.mini_batches)
@@ -307,7 +442,8 @@ class StageTrainer:
                         def forward():
                             part = student.slice(start, end)
                             log_probs, entropy = self.engine.log_probs(self.engine.actor, part,
-                                                                        with_entropy=a.entropy_coef > 0)
+                                                                        with_entropy=a.entropy_coef > 0,
+                                                                        temperature=temperature)
                             mask = part.target_mask.to(log_probs.device)
                             width = log_probs.shape[1]
                             old_lp = log_probs.detach() if old is None else old[start:end, :width].to(log_probs.device)
