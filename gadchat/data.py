@@ -53,12 +53,43 @@ class DataReport:
     rows_used: int = 0
     skipped: Counter = field(default_factory=Counter)
     examples_of_skips: list = field(default_factory=list)
+    set_aside: int = 0
+    """Rows of the other part of a ``data.eval_split`` (held out from training, or training rows
+    left out of the evaluation)."""
 
     def summary(self) -> str:
         text = f"{self.rows_used}/{self.rows_read} rows used"
+        if self.set_aside:
+            text += f"; {self.set_aside} in the other part of data.eval_split"
         if self.skipped:
             text += "; skipped: " + ", ".join(f"{reason} x{count}" for reason, count in sorted(self.skipped.items()))
         return text
+
+
+def is_held_out(messages: list, fraction: float) -> bool:
+    """Pure and deterministic: whether a prompt falls in the held-out ``fraction`` of a
+    ``data.eval_split`` (sha256 of the prompt messages as canonical JSON, read as a number in
+    [0, 1)); the same prompt lands in the same part in training, evaluation and on any machine."""
+    if fraction <= 0:
+        return False
+    import hashlib
+
+    canonical = json.dumps(messages, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    value = int.from_bytes(hashlib.sha256(canonical.encode("utf-8")).digest()[:8], "big") / 2**64
+    return value < fraction
+
+
+def split_part(rows: list, fraction: float, part: str, report: DataReport | None = None) -> list:
+    """The ``part`` (``train`` or ``eval``) of ``(source, row, messages, response)`` rows under
+    ``data.eval_split = fraction`` (all rows when fraction is 0)."""
+    if part not in ("train", "eval"):
+        raise ValueError(f"part must be train or eval, got {part!r}")
+    if fraction <= 0:
+        return list(rows)
+    kept = [r for r in rows if is_held_out(r[2], fraction) == (part == "eval")]
+    if report is not None:
+        report.set_aside += len(rows) - len(kept)
+    return kept
 
 
 # ----------------------------------------------------------------------------------------------
@@ -83,6 +114,9 @@ def _expand_files(spec: str) -> list[str]:
                 raise FileNotFoundError(f"data folder {path} holds no .jsonl, .json or .parquet file")
             sources.extend(str(p) for p in files)
         elif path.exists():
+            if path.suffix not in (".jsonl", ".json", ".parquet"):
+                raise ValueError(f"{path}: not a data file (expected .jsonl, .json or .parquet, a folder of those, "
+                                 "a datasets save_to_disk folder or hf:NAME)")
             sources.append(str(path))
         else:
             raise FileNotFoundError(f"data file not found: {path}")
@@ -91,9 +125,20 @@ def _expand_files(spec: str) -> list[str]:
     return sources
 
 
+def _not_utf8(exc: UnicodeDecodeError) -> str:
+    return f"not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at position {exc.start})"
+
+
 def _read_jsonl(path: str):
-    with open(path, encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
+    """Rows of a JSON-lines file; a line that is not UTF-8 or not JSON is a DataError naming the
+    line (skippable with ``data.skip_malformed``); a UTF-8 byte-order mark is accepted."""
+    with open(path, "rb") as handle:
+        for line_number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if line_number == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                yield line_number, DataError(path, line_number, "<line>", _not_utf8(exc), "not_utf8")
+                continue
             if not line.strip():
                 continue
             try:
@@ -104,6 +149,30 @@ def _read_jsonl(path: str):
             yield line_number, row
 
 
+def _read_json_array(path: str) -> list:
+    """A file holding one JSON array; errors name the file and the line (the whole file is unusable)."""
+    data = Path(path).read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise DataError(path, line, "<file>", _not_utf8(exc) + "; the JSON array cannot be read", "not_utf8") from None
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(path, exc.lineno, "<file>", f"invalid JSON array ({exc.msg} at line {exc.lineno}, column "
+                        f"{exc.colno}; truncated?)") from None
+    if not isinstance(rows, list):
+        raise DataError(path, 1, "<file>", f"expected a JSON array of rows, got {type(rows).__name__}")
+    return rows
+
+
+def _first_char(path: str) -> str:
+    with open(path, "rb") as handle:
+        head = handle.read(64).decode("utf-8-sig", errors="replace").lstrip()
+    return head[:1]
+
+
 def iter_raw_rows(spec: str, split: str = "train"):
     """Yield ``(source, row_number, row_or_DataError)``; row numbers are 1-based."""
     for source in _expand_files(spec):
@@ -111,15 +180,11 @@ def iter_raw_rows(spec: str, split: str = "train"):
             for number, row in _read_jsonl(source):
                 yield source, number, row
         elif source.endswith(".json"):
-            with open(source, encoding="utf-8") as handle:
-                head = handle.read(1)
-            if head != "[":  # JSON lines stored under .json
+            if _first_char(source) != "[":  # JSON lines stored under .json
                 for number, row in _read_jsonl(source):
                     yield source, number, row
                 continue
-            with open(source, encoding="utf-8") as handle:
-                rows = json.load(handle)
-            for number, row in enumerate(rows, start=1):
+            for number, row in enumerate(_read_json_array(source), start=1):
                 yield source, number, row
         elif source.endswith(".parquet"):
             import pyarrow.parquet as pq
@@ -237,14 +302,23 @@ def encode_prompt(tokenizer, messages: list) -> list:
 
 
 def encode_response(tokenizer, response: str) -> list:
-    """Teacher response tokens followed by the student's EOS (EOS symmetry)."""
-    return tokenizer(response, add_special_tokens=False)["input_ids"] + [eos_token_id(tokenizer)]
+    """Teacher response tokens followed by the student's EOS (EOS symmetry).
+
+    The response is encoded as text: a literal ``<|im_end|>`` (or any special-token string) inside
+    a teacher answer becomes its ordinary text tokens, never the special token, so the only EOS is
+    the one appended (``split_special_tokens=True``)."""
+    ids = tokenizer(response, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    return ids + [eos_token_id(tokenizer)]
 
 
-def load_teacher_data(cfg: DataConfig, tokenizer, spec: str | None = None, max_rows: int | None = None):
-    """Read, validate and tokenise teacher data; returns ``(examples, report)``."""
+def load_teacher_data(cfg: DataConfig, tokenizer, spec: str | None = None, max_rows: int | None = None,
+                      part: str = "train"):
+    """Read, validate and tokenise teacher data; returns ``(examples, report)``. With
+    ``data.eval_split`` the rows of ``data.train_files`` are split and ``part`` chooses which."""
     report = DataReport()
     rows = read_prompts(cfg, spec or cfg.train_files, require_response=True, report=report)
+    if spec is None or spec == cfg.train_files:
+        rows = split_part(rows, cfg.eval_split, part, report)
     limit = cfg.max_rows if max_rows is None else max_rows
     examples = []
     for source, number, messages, response in rows:

@@ -481,8 +481,10 @@ class StageTrainer:
         from gadchat.rouge import rouge_l_f1
 
         if not hasattr(self, "_eval_examples"):
-            self._eval_examples, _ = load_teacher_data(self.cfg.data, self.tokenizer, spec=self.cfg.data.eval_files,
-                                                       max_rows=self.cfg.trainer.eval_prompts)
+            held_out = self.cfg.data.eval_split > 0  # the held-out part of train_files, else eval_files
+            self._eval_examples, _ = load_teacher_data(self.cfg.data, self.tokenizer,
+                                                       spec=None if held_out else self.cfg.data.eval_files,
+                                                       max_rows=self.cfg.trainer.eval_prompts, part="eval")
         usable = len(self._eval_examples) - len(self._eval_examples) % self.world_size  # equal share per rank:
         mine = self._eval_examples[:usable][self.rank :: self.world_size]  # ZeRO-3 generate runs in lock-step
         samples = self.engine.generate([e.prompt_ids for e in mine], seed=0, greedy=True, n=1)

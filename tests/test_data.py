@@ -459,3 +459,56 @@ def test_iter_raw_rows_numbers_rows_per_file(tmp_path):
     rows = list(iter_raw_rows(str(tmp_path / "x.jsonl")))
     assert [(Path(s).name, n, r["teacher_response"]) for s, n, r in rows] == [("x.jsonl", 1, "Answer 1."),
                                                                             ("x.jsonl", 2, "Answer 2.")]
+
+
+# ----------------------------------------------------------------------------------------------
+# Issue 10: encodings, truncated files, non-data files, the deterministic eval split
+
+
+def test_non_utf8_line_names_file_and_row_and_is_skippable(tmp_path, tokenizer):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(json.dumps(good_row(1)).encode() + b"\n"
+                     + '{"content": "caf\xe9?", "teacher_response": "Oui."}'.encode("latin-1") + b"\n"
+                     + json.dumps(good_row(3)).encode() + b"\n")
+    with pytest.raises(DataError, match=r"latin1.jsonl, row 2, field '<line>': not UTF-8 text \(byte 0xe9"):
+        load_teacher_data(DataConfig(), tokenizer, spec=str(path))
+    examples, report = load_teacher_data(DataConfig(skip_malformed=True), tokenizer, spec=str(path))
+    assert [e.row for e in examples] == [1, 3] and report.skipped == Counter({"not_utf8": 1})
+
+
+def test_utf8_byte_order_mark_is_accepted(tmp_path, tokenizer):
+    jsonl = tmp_path / "bom.jsonl"
+    jsonl.write_bytes(b"\xef\xbb\xbf" + json.dumps(good_row(1)).encode() + b"\n" + json.dumps(good_row(2)).encode())
+    assert len(load_teacher_data(DataConfig(), tokenizer, spec=str(jsonl))[0]) == 2
+    array = tmp_path / "bom.json"
+    array.write_bytes(b"\xef\xbb\xbf  " + json.dumps([good_row(1)]).encode())
+    assert len(load_teacher_data(DataConfig(), tokenizer, spec=str(array))[0]) == 1
+
+
+def test_truncated_json_array_and_non_data_file_name_the_file(tmp_path, tokenizer):
+    array = tmp_path / "cut.json"
+    array.write_text(json.dumps([good_row(1), good_row(2)], indent=1)[:-30], encoding="utf-8")
+    with pytest.raises(DataError, match=r"cut.json, row \d+, field '<file>': invalid JSON array .*truncated\?"):
+        load_teacher_data(DataConfig(), tokenizer, spec=str(array))
+    text_file = tmp_path / "train.txt"
+    text_file.write_text("hello\n")
+    with pytest.raises(ValueError, match=r"train.txt: not a data file \(expected .jsonl, .json or .parquet"):
+        load_teacher_data(DataConfig(), tokenizer, spec=str(text_file))
+
+
+def test_eval_split_is_deterministic_disjoint_and_shared_by_training_and_evaluation(tokenizer):
+    from gadchat.data import is_held_out
+
+    cfg = DataConfig(train_files=str(SHIPPED_TRAIN), eval_split=0.1, max_prompt_tokens=100000,
+                     max_response_tokens=100000)
+    train, train_report = load_teacher_data(cfg, tokenizer)
+    held, held_report = load_teacher_data(cfg, tokenizer, part="eval")
+    assert train_report.rows_read == held_report.rows_read == 700
+    assert len(train) + len(held) == 700 and 40 <= len(held) <= 100
+    assert not {e.row for e in train} & {e.row for e in held}
+    assert all(is_held_out(e.messages, 0.1) for e in held) and not any(is_held_out(e.messages, 0.1) for e in train)
+    again, _ = load_teacher_data(cfg, tokenizer, part="eval")
+    assert [e.row for e in again] == [e.row for e in held]
+    assert "in the other part of data.eval_split" in train_report.summary()
+    assert len(load_teacher_data(DataConfig(train_files=str(SHIPPED_TRAIN), max_prompt_tokens=100000,
+                                            max_response_tokens=100000), tokenizer)[0]) == 700
