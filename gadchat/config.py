@@ -100,6 +100,17 @@ class ActorConfig:
     ppo_epochs: int = 1
     mini_batches: int = 1
     """Optimizer steps per batch and epoch in the GAD stage (1 = on-policy, ratio exactly 1)."""
+    logprob_chunk_tokens: int = 1024
+    """Log-probs and entropy from the final hidden states and the LM head, this many response tokens
+    at a time (float32, each chunk recomputed in the backward), so the full [micro_batch, tokens,
+    vocab] logits are never built (152k vocab: GBs per micro-batch). 0 = plain path (full logits)."""
+    temperature_scaled_logprobs: bool = True
+    """Actor, old and reference log-probs (and entropy) of the student samples on logits /
+    rollout.temperature, the distribution the samples were drawn from (as verl's actor); the PPO
+    ratio, policy gradient and k3 KL are then those of the sampling policy. False = raw logits."""
+    sft_temperature_scaled: bool = False
+    """Also divide the logits by rollout.temperature in the SFT loss on teacher text (SeqKD and
+    warm-up); off by default: plain cross-entropy on the teacher response."""
 
 
 @dataclass
@@ -116,6 +127,12 @@ class CriticConfig:
     """GAD-stage ablation: keep the discriminator fixed (off-policy reward, reward-hackable)."""
     head_init_std: float = 0.0
     """Std of the score head's normal init; 0 = 1/sqrt(hidden_size + 1), as transformers' Linear."""
+    pooling: str = "last"
+    """How the head's per-position outputs become ``D(x, y)``. ``last``: at the last valid token,
+    the EOS (the paper's discriminator, default). ``sum`` / ``mean``: summed / averaged over the
+    response tokens (an experimental option: a sequence log-ratio ``log p_T - log p_S`` is a sum over
+    tokens; measured in benchmarks/RESULTS.md). An exported discriminator pools at the last token
+    whatever this says: re-score with gadchat for ``sum`` / ``mean``."""
 
 
 @dataclass
@@ -234,6 +251,7 @@ def value_problems(cfg: "GADConfig") -> list:
     t, r, d, a, c = cfg.trainer, cfg.rollout, cfg.data, cfg.actor, cfg.critic
     choice("trainer.stage", t.stage, STAGES)
     choice("rollout.backend", r.backend, ("auto", "vllm", "hf"))
+    choice("critic.pooling", c.pooling, ("last", "sum", "mean"))
     choice("data.overlong", d.overlong, ("skip", "error"))
     choice("deepspeed.zero_stage", cfg.deepspeed.zero_stage, (0, 1, 2, 3))
     choice("model.dtype", cfg.model.dtype, DTYPES)

@@ -22,8 +22,9 @@ import torch
 
 from gadchat import runtime
 from gadchat.config import GADConfig, parse_betas
-from gadchat.losses import token_entropy, token_log_probs
-from gadchat.models import attn_implementation, load_causal_lm, load_discriminator, load_tokenizer, resolve_model_path
+from gadchat.losses import chunked_token_log_probs, token_entropy, token_log_probs
+from gadchat.models import (attn_implementation, eos_token_ids, load_causal_lm, load_discriminator,
+                            load_generation_config, load_tokenizer, resolve_model_path)
 from gadchat.rollout import HFRollout, VLLMRollout, choose_backend
 
 logger = logging.getLogger(__name__)
@@ -93,6 +94,19 @@ class SequenceBatch:
             self.response_mask[start:end, :width],
             self.last_index[start:end],
         )
+
+    def with_final_token(self, eos_ids, canonical: int) -> "SequenceBatch":
+        """A copy whose last valid token is ``canonical`` wherever it is one of ``eos_ids``: the
+        discriminator then scores every sequence ending in any EOS of the set (a student sample
+        may stop on ``<|endoftext|>``) on the same token as the teacher sequences."""
+        rows = torch.arange(len(self))
+        last = self.input_ids[rows, self.last_index]
+        hit = torch.isin(last, torch.tensor(sorted(eos_ids), dtype=last.dtype, device=last.device)) & (last != canonical)
+        if not bool(hit.any()):
+            return self
+        input_ids = self.input_ids.clone()
+        input_ids[rows[hit], self.last_index[hit]] = canonical
+        return SequenceBatch(input_ids, self.attention_mask, self.response_mask, self.last_index)
 
     def to(self, dev) -> "SequenceBatch":
         return SequenceBatch(*(t.to(dev) for t in (self.input_ids, self.attention_mask, self.response_mask, self.last_index)))
@@ -166,7 +180,9 @@ class HybridEngine:
         self.tokenizer_path = resolve_model_path(m.tokenizer_path) if m.tokenizer_path else self.actor_path
         self.tokenizer = load_tokenizer(self.tokenizer_path, m.trust_remote_code)
         self.pad_token_id = self.tokenizer.pad_token_id
-        self.eos_ids = {self.tokenizer.eos_token_id}
+        # One EOS set for both rollout backends, the trimmer and the scorer: the tokenizer's EOS plus
+        # the model's generation-config EOS ids (Qwen2.5-Instruct: <|im_end|> and <|endoftext|>).
+        self.eos_ids = set(eos_token_ids(self.tokenizer, load_generation_config(self.actor_path)))
         attn = attn_implementation(m.attn_implementation)
 
         with self.timer("init_models"):
@@ -187,7 +203,8 @@ class HybridEngine:
                 path = resolve_model_path(critic_path or m.critic_path or self.actor_path)
                 critic_model = self._load(
                     lambda: load_discriminator(path, self.pad_token_id, self.dtype, attn, cfg.critic.head_init_std,
-                                               cfg.trainer.seed, m.gradient_checkpointing, m.trust_remote_code),
+                                               cfg.trainer.seed, m.gradient_checkpointing, m.trust_remote_code,
+                                               pooling=cfg.critic.pooling),
                     cfg.critic, train=True)
                 trainable = not (cfg.critic.freeze and cfg.trainer.stage == "gad")
                 if not trainable:
@@ -294,28 +311,32 @@ class HybridEngine:
     # ------------------------------------------------------------------------------------------
     # forward passes
 
-    def log_probs(self, engine, batch: SequenceBatch, with_entropy: bool = False):
-        """Next-token log-probs ``[B, T-1]`` of ``batch`` under ``engine`` (and entropies)."""
-        batch = batch.to(self.device)
-        logits = engine(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
-        labels = batch.input_ids[:, 1:]
-        log_probs = token_log_probs(logits, labels)
-        entropy = token_entropy(logits) if with_entropy else None
-        return log_probs, entropy
+    def log_probs(self, engine, batch: SequenceBatch, with_entropy: bool = False, temperature: float = 1.0):
+        """Next-token log-probs ``[B, T-1]`` of ``batch`` under ``engine`` (and entropies), both in
+        float32 on ``logits / temperature``.
+
+        With ``actor.logprob_chunk_tokens > 0`` (and a model whose forward takes ``logits_to_keep``)
+        the full ``[B, T, V]`` logits are never built: the backbone's final hidden states at the
+        response positions go through the LM head ``logprob_chunk_tokens`` rows at a time
+        (:func:`gadchat.losses.chunked_token_log_probs`) and positions outside the response mask
+        are 0. Otherwise (0) the plain path: full logits, then :func:`token_log_probs`."""
+        return sequence_log_probs(engine, engine.module, batch.to(self.device), self.cfg.actor.logprob_chunk_tokens,
+                                  temperature, with_entropy)
 
     @torch.no_grad()
-    def log_probs_no_grad(self, engine, batch: SequenceBatch, micro_batch_size: int) -> torch.Tensor:
+    def log_probs_no_grad(self, engine, batch: SequenceBatch, micro_batch_size: int, temperature: float = 1.0) -> torch.Tensor:
         """Log-probs of the whole batch in micro-batches, padded back to the batch width."""
         out = torch.zeros(batch.input_ids.shape[0], batch.input_ids.shape[1] - 1)
         for start in range(0, len(batch), micro_batch_size):
             part = batch.slice(start, start + micro_batch_size)
-            values, _ = self.log_probs(engine, part)
+            values, _ = self.log_probs(engine, part, temperature=temperature)
             out[start : start + len(part), : values.shape[1]] = values.float().cpu()
         return out
 
     def scores(self, batch: SequenceBatch) -> torch.Tensor:
-        batch = batch.to(self.device)
-        return self.critic(batch.input_ids, batch.attention_mask, batch.last_index)
+        """Discriminator scores at the last valid token, any EOS of the set read as the tokenizer's."""
+        batch = batch.with_final_token(self.eos_ids, self.tokenizer.eos_token_id).to(self.device)
+        return self.critic(batch.input_ids, batch.attention_mask, batch.last_index, batch.response_mask)
 
     @torch.no_grad()
     def scores_no_grad(self, batch: SequenceBatch, micro_batch_size: int) -> torch.Tensor:
@@ -330,16 +351,24 @@ class HybridEngine:
         """Run each closure of ``micro_steps`` (a forward that returns its micro-batch's share of
         the batch loss), backward it, and take one optimizer step at the last one; returns the
         batch loss. Gradient-accumulation boundaries are set by hand, so the number of
-        micro-batches may vary from step to step."""
+        micro-batches may vary from step to step.
+
+        The model is in training mode for the update (transformers checkpoints activations only
+        when ``training`` is true; dropout, where a model has any) and back in eval mode after it:
+        rollouts, reference, old-log-prob and scoring passes run in eval mode, as in verl."""
         if not micro_steps:
             raise ValueError("accumulate() needs at least one micro-batch")
         total = 0.0
-        for index, forward in enumerate(micro_steps):
-            engine.set_gradient_accumulation_boundary(index == len(micro_steps) - 1)
-            loss = forward()
-            engine.backward(loss, scale_wrt_gas=False)
-            total += float(loss.detach())
-        engine.step()
+        engine.train()
+        try:
+            for index, forward in enumerate(micro_steps):
+                engine.set_gradient_accumulation_boundary(index == len(micro_steps) - 1)
+                loss = forward()
+                engine.backward(loss, scale_wrt_gas=False)
+                total += float(loss.detach())
+            engine.step()
+        finally:
+            engine.eval()
         return total
 
     @torch.no_grad()
@@ -374,3 +403,87 @@ class HybridEngine:
         for engine in (self.actor, self.critic):
             if engine is not None:
                 engine.eval()
+
+
+def sequence_log_probs(call, module, batch: SequenceBatch, chunk_tokens: int, temperature: float = 1.0,
+                       with_entropy: bool = False):
+    """Next-token log-probs ``[B, T-1]`` (and entropies or None) of ``batch`` on ``logits /
+    temperature`` in float32. ``call`` runs the forward (a DeepSpeed engine, or the model itself),
+    ``module`` is the Hugging Face causal LM inside it. ``chunk_tokens > 0``: chunked path over the
+    response positions (0 elsewhere); 0, or a model without ``logits_to_keep``: plain path."""
+    labels = batch.input_ids[:, 1:]
+    head = module.get_output_embeddings() if chunk_tokens > 0 and hasattr(module, "get_output_embeddings") else None
+    if head is None or not _takes_logits_to_keep(module):
+        logits = call(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
+        log_probs = token_log_probs(logits, labels, temperature)
+        entropy = token_entropy(logits, temperature) if with_entropy else None
+        return log_probs, entropy
+    hidden = _final_hidden_states(call, module, batch)[:, :-1]
+    positions = batch.target_mask > 0
+    values, entropy = _head_log_probs(head, hidden[positions], labels[positions], chunk_tokens, temperature,
+                                      with_entropy)
+    log_probs = values.new_zeros(positions.shape)
+    log_probs[positions] = values
+    if entropy is not None:
+        full = entropy.new_zeros(positions.shape)
+        full[positions] = entropy
+        entropy = full
+    return log_probs, entropy
+
+
+def _takes_logits_to_keep(module) -> bool:
+    import inspect
+
+    try:
+        return "logits_to_keep" in inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _final_hidden_states(call, module, batch: SequenceBatch) -> torch.Tensor:
+    """The backbone's final (normed) hidden states ``[B, T, H]``, from the engine's own forward.
+
+    The forward runs through the DeepSpeed engine (ZeRO-3 hooks, the root module's step
+    bookkeeping) with ``logits_to_keep=1`` (logits of one position only); a forward hook on the
+    decoder (registered after DeepSpeed's, so it sees the output as DeepSpeed passes it on) keeps
+    its ``last_hidden_state``. No per-layer hidden states are retained."""
+    decoder = module.get_decoder()
+    captured = []
+
+    def keep(_module, _inputs, output):
+        captured.append(output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0])
+
+    handle = decoder.register_forward_hook(keep)
+    try:
+        call(input_ids=batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=1)
+    finally:
+        handle.remove()
+    return captured[-1]
+
+
+def _head_log_probs(head, hidden, labels, chunk_tokens: int, temperature: float, with_entropy: bool):
+    """Chunked log-probs in ONE call of the LM head module.
+
+    Under ZeRO-3 the head's weight (tied to the embedding or not) is gathered by DeepSpeed's hooks
+    around a module call, and again before that call's backward. Calling the module once per
+    micro-batch, with the chunk loop inside its forward, keeps the number of module calls the
+    same on every rank (the chunk count is not: ranks hold different response lengths), which
+    ZeRO-3's recorded module trace requires, and the per-chunk recomputation in the backward runs
+    while the weight is gathered for that module's backward."""
+    plain_forward = type(head).forward
+
+    def chunked_forward(h, y):
+        values, entropy = chunked_token_log_probs(lambda part: plain_forward(head, part), h, y, chunk_tokens,
+                                                  temperature, with_entropy)
+        return (values,) if entropy is None else (values, entropy)  # tensors only through DeepSpeed's hooks
+
+    own = head.__dict__.get("forward")
+    head.forward = chunked_forward
+    try:
+        outputs = head(hidden, labels)
+    finally:
+        if own is None:
+            del head.forward
+        else:
+            head.forward = own
+    return outputs[0], (outputs[1] if with_entropy else None)

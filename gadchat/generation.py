@@ -20,7 +20,7 @@ import gc
 import threading
 from dataclasses import dataclass
 
-from gadchat.models import resolve_model_path
+from gadchat.models import eos_token_ids, load_generation_config, resolve_model_path
 from gadchat.rollout import BACKENDS, choose_backend  # noqa: F401  (BACKENDS re-exported for the CLIs)
 
 
@@ -49,17 +49,7 @@ class Completion:
 
 
 def _eos_ids(tokenizer, model_generation_config=None) -> list:
-    ids = set()
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    configured = getattr(model_generation_config, "eos_token_id", None)
-    if isinstance(configured, int):
-        ids.add(configured)
-    elif configured:
-        ids.update(int(i) for i in configured)
-    if not ids:
-        raise ValueError("the tokenizer and generation config name no EOS token; cannot tell where an answer ends")
-    return sorted(ids)
+    return eos_token_ids(tokenizer, model_generation_config)
 
 
 class Generator:
@@ -100,14 +90,9 @@ class Generator:
         from gadchat import runtime
 
         runtime.set_process_defaults()
-        from transformers import GenerationConfig
         from vllm import LLM
 
-        try:
-            generation_config = GenerationConfig.from_pretrained(self.model_path)
-        except OSError:
-            generation_config = None
-        self.eos_ids = _eos_ids(self.tokenizer, generation_config)
+        self.eos_ids = _eos_ids(self.tokenizer, load_generation_config(self.model_path))
         if dtype == "auto":
             dtype = "auto" if runtime.has_cuda() else "float32"  # fp32 was faster than bf16 on CPU
         kwargs = dict(model=self.model_path, dtype=dtype, seed=seed, trust_remote_code=trust_remote_code,

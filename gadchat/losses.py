@@ -24,19 +24,70 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor, denominator: float | t
     return masked_sum(values, mask) / denominator
 
 
-def token_log_probs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """``log softmax(logits)[labels]`` per position, computed as ``logit[label] - logsumexp(logit)``
-    in float32 without materialising the full log-softmax."""
+def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     logits = logits.float()
+    return logits / temperature if temperature != 1.0 else logits
+
+
+def token_log_probs(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """``log softmax(z)[labels]`` per position with ``z = logits / temperature``, computed as
+    ``z[label] - logsumexp(z)`` in float32 without materialising the full log-softmax.
+
+    ``temperature`` is the sampling temperature of the rollout (verl's ``logits.div_(temperature)``):
+    the log-probs are then those of the distribution the samples were drawn from. 1 = unscaled."""
+    logits = _scaled(logits, temperature)
     picked = torch.gather(logits, -1, labels.unsqueeze(-1)).squeeze(-1)
     return picked - torch.logsumexp(logits, dim=-1)
 
 
-def token_entropy(logits: torch.Tensor) -> torch.Tensor:
-    """``H = logsumexp(z) - sum softmax(z) * z`` per position."""
-    logits = logits.float()
+def token_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """``H = logsumexp(z) - sum softmax(z) * z`` per position, ``z = logits / temperature``."""
+    logits = _scaled(logits, temperature)
     probs = torch.softmax(logits, dim=-1)
     return torch.logsumexp(logits, dim=-1) - (probs * logits).sum(-1)
+
+
+def _chunk_log_probs(head, hidden, labels, temperature: float, with_entropy: bool):
+    logits = head(hidden)
+    log_probs = token_log_probs(logits, labels, temperature)
+    if not with_entropy:
+        return (log_probs,)
+    return log_probs, token_entropy(logits, temperature)
+
+
+def chunked_token_log_probs(head, hidden: torch.Tensor, labels: torch.Tensor, chunk_tokens: int,
+                            temperature: float = 1.0, with_entropy: bool = False):
+    """:func:`token_log_probs` (and :func:`token_entropy`) of ``z = head(hidden) / temperature``
+    without the full ``[N, V]`` logits: ``hidden`` ``[N, H]`` (final hidden states of the N
+    positions wanted), ``labels`` ``[N]``, ``head`` maps ``[n, H]`` to logits ``[n, V]`` (the LM
+    head). Rows are processed ``chunk_tokens`` at a time; per chunk ``log p = z[label] -
+    logsumexp(z)``, ``H = logsumexp(z) - sum softmax(z) z`` in float32, the same formulas as the
+    plain functions, so values agree up to the matmul's rounding and gradients are the same.
+
+    With gradients enabled each chunk runs under ``torch.utils.checkpoint`` (non-reentrant): the
+    backward keeps only the chunk's hidden states and recomputes its logits, so at most one chunk's
+    vocabulary-sized tensors are alive at a time. Returns ``(log_probs [N], entropy [N] or None)``.
+    """
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    from torch.utils.checkpoint import checkpoint
+
+    grad = torch.is_grad_enabled()
+    log_probs, entropies = [], []
+    count = hidden.shape[0]
+    for start in range(0, max(count, 1), chunk_tokens):  # an empty input still runs one (empty) chunk
+        h, y = hidden[start : start + chunk_tokens], labels[start : start + chunk_tokens]
+        if grad:
+            out = checkpoint(_chunk_log_probs, head, h, y, temperature, with_entropy, use_reentrant=False)
+        else:
+            out = _chunk_log_probs(head, h, y, temperature, with_entropy)
+        log_probs.append(out[0])
+        if with_entropy:
+            entropies.append(out[1])
+    log_probs = log_probs[0] if len(log_probs) == 1 else torch.cat(log_probs)
+    if not with_entropy:
+        return log_probs, None
+    return log_probs, entropies[0] if len(entropies) == 1 else torch.cat(entropies)
 
 
 def sft_loss(log_probs: torch.Tensor, mask: torch.Tensor, denominator=None) -> torch.Tensor:

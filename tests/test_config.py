@@ -112,7 +112,9 @@ def test_yaml_float_without_dot_is_read_as_float(tmp_path):
 def test_shipped_cpu_tiny_yaml_loads():
     cfg = load_config(["--config", str(REPO / "configs" / "cpu_tiny.yaml")], stage="gad")
     assert cfg.trainer.stage == "gad"
-    assert cfg.rollout.n == 4 and cfg.trainer.prompts_per_step == 8 and cfg.trainer.critic_warmup == 10
+    # critic_warmup comes from the stage defaults: the GAD stage honours the gate too (issue 11)
+    assert cfg.rollout.n == 4 and cfg.trainer.prompts_per_step == 8 and cfg.trainer.critic_warmup == 0
+    assert load_config(["--config", str(REPO / "configs" / "cpu_tiny.yaml")], stage="warmup").trainer.critic_warmup == 10
 
 
 # ----------------------------------------------------------------------------------------------
