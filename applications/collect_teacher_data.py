@@ -4,11 +4,15 @@
         --base-url https://api.openai.com/v1 --model gpt-4o --output teacher.jsonl
 
 Output: JSON lines in the published layout (``content``, ``teacher_response``, ``teacher``,
-``finish_reason``, plus the input row's other fields and a ``collection_key``). A rerun with the
-same arguments resumes: answered prompts are skipped, a torn last line is dropped. Failed prompts
-are listed at the end and in ``<output>.failures.jsonl`` (exit status 1); rerun to retry them.
-Responses cut at max_tokens go to ``<output>.dropped.jsonl`` with ``--drop-truncated``.
-The API key is read from the environment variable named by ``--api-key-env`` and never printed.
+``finish_reason``, plus the input row's other fields and a ``collection_key``), in the order the
+answers arrive (not the input order; ``collection_key`` starts with the input row index). A rerun
+with the same arguments resumes: answered prompts are skipped, a torn last line is dropped; a rerun
+with another ``--model`` into the same output is refused (one file per teacher). Failed prompts,
+empty answers included, are listed at the end and in ``<output>.failures.jsonl`` (exit status 1);
+rerun to retry them. A 401/403 stops the run at once (exit status 2). Responses cut at max_tokens
+go to ``<output>.dropped.jsonl`` with ``--drop-truncated``. The API key is read from the
+environment variable named by ``--api-key-env`` and never printed or stored (error texts that echo
+it show ``***``).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import sys
 
 from gadchat.data import DataError
 from gadchat.teacher_api import (
+    AuthenticationError,
     ChatEndpoint,
     SamplingSettings,
     collect_teacher_data,
@@ -27,40 +32,56 @@ from gadchat.teacher_api import (
 )
 
 
+def bounded(kind, low, strict=False):
+    """An argparse type: ``kind`` values >= low (> low when ``strict``), refused naming the bound."""
+    def parse(text):
+        value = kind(text)
+        if value < low or (strict and value == low):
+            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {low}, got {text}")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m applications.collect_teacher_data",
-        description="Collect teacher responses from an OpenAI-compatible chat endpoint (resumable).",
+        description="Collect teacher responses from an OpenAI-compatible chat endpoint (resumable). Output rows "
+                    "come in the order the answers arrive, not the input order.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     source = parser.add_argument_group("prompts")
     source.add_argument("--prompts", required=True,
                         help="JSON lines / JSON / parquet file or folder, a datasets save_to_disk folder, or hf:NAME "
                              "(comma-separate several)")
     source.add_argument("--prompt-key", default="content",
-                        help="field holding the prompt: a list of chat messages or a string (default: content)")
+                        help="field holding the prompt: a list of chat messages or a string")
     source.add_argument("--split", default="train", help="split for datasets inputs")
     source.add_argument("--system-prompt", default="", help="prepended as a system turn to prompts that have none")
     source.add_argument("--skip-malformed", action="store_true", help="count and skip malformed rows instead of stopping")
-    source.add_argument("--limit", type=int, default=0, help="only the first N prompt rows (0 = all)")
+    source.add_argument("--limit", type=bounded(int, 0), default=0, help="only the first N prompt rows (0 = all)")
     endpoint = parser.add_argument_group("endpoint")
     endpoint.add_argument("--base-url", required=True, help="e.g. https://api.openai.com/v1 or http://localhost:8000/v1")
     endpoint.add_argument("--model", required=True, help="teacher model name sent to the endpoint")
     endpoint.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
-    endpoint.add_argument("--concurrency", type=int, default=8, help="requests in flight at once")
-    endpoint.add_argument("--timeout", type=float, default=120.0, help="per-request timeout in seconds")
-    endpoint.add_argument("--max-retries", type=int, default=6, help="retries on 429 / 5xx / timeouts / connection errors")
-    endpoint.add_argument("--backoff-base", type=float, default=1.0, help="first backoff in seconds; doubles per retry")
-    endpoint.add_argument("--backoff-max", type=float, default=60.0, help="longest backoff in seconds")
+    endpoint.add_argument("--concurrency", type=bounded(int, 1), default=8, help="requests in flight at once")
+    endpoint.add_argument("--timeout", type=bounded(float, 0, strict=True), default=120.0,
+                          help="per-request timeout in seconds")
+    endpoint.add_argument("--max-retries", type=bounded(int, 0), default=6,
+                          help="retries on 429 / 5xx / timeouts / connection errors (401/403 are never retried)")
+    endpoint.add_argument("--backoff-base", type=bounded(float, 0), default=1.0, help="first backoff in seconds; doubles per retry")
+    endpoint.add_argument("--backoff-max", type=bounded(float, 0), default=60.0, help="longest backoff in seconds")
     sampling = parser.add_argument_group("sampling (unset = the endpoint's default)")
     sampling.add_argument("--temperature", type=float, default=None)
     sampling.add_argument("--top-p", type=float, default=None)
-    sampling.add_argument("--max-tokens", type=int, default=2048, help="0 = do not send max_tokens")
+    sampling.add_argument("--max-tokens", type=bounded(int, 0), default=2048, help="0 = do not send max_tokens")
     sampling.add_argument("--seed", type=int, default=None)
     filters = parser.add_argument_group("filters")
     filters.add_argument("--drop-truncated", action="store_true",
                          help="do not keep responses with finish_reason == 'length' (they go to <output>.dropped.jsonl)")
     filters.add_argument("--tokenizer", default="", help="tokenizer folder or hub id for --max-prompt-tokens")
-    filters.add_argument("--max-prompt-tokens", type=int, default=0, help="skip prompts longer than this (needs --tokenizer)")
+    filters.add_argument("--max-prompt-tokens", type=bounded(int, 0), default=0,
+                         help="skip prompts longer than this (needs --tokenizer)")
     parser.add_argument("--output", required=True, help="output JSON-lines file (appended to; resumable)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
@@ -89,16 +110,20 @@ def main(argv=None) -> int:
     if args.limit:
         rows = rows[: args.limit]
     counter = prompt_token_counter(args.tokenizer) if args.max_prompt_tokens else None
-    report = collect_teacher_data(
-        rows,
-        endpoint,
-        args.output,
-        concurrency=args.concurrency,
-        drop_truncated=args.drop_truncated,
-        count_prompt_tokens=counter,
-        max_prompt_tokens=args.max_prompt_tokens,
-        progress=not args.no_progress,
-    )
+    try:
+        report = collect_teacher_data(
+            rows,
+            endpoint,
+            args.output,
+            concurrency=args.concurrency,
+            drop_truncated=args.drop_truncated,
+            count_prompt_tokens=counter,
+            max_prompt_tokens=args.max_prompt_tokens,
+            progress=not args.no_progress,
+        )
+    except (AuthenticationError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     print(f"[collect] {report.summary()}")
     print(f"[collect] output: {args.output}")
     if report.failed:

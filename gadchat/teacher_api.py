@@ -8,8 +8,12 @@ Two parts:
   ``min(backoff_max, backoff_base * 2**attempt) * uniform(0.5, 1)`` (a ``Retry-After`` header, when
   the server sends one, is honoured up to ``backoff_max``). The response body is parsed here, so a
   malformed answer (not JSON, no ``choices``, no string ``content``) raises
-  :class:`MalformedAnswerError` naming the prompt row. The API key is read from an environment
-  variable and only ever handed to the client; it is never printed or written.
+  :class:`MalformedAnswerError` naming the prompt row; an empty or whitespace-only answer is such
+  a failure too, never a row. A 401/403 (a wrong or unauthorised key) raises
+  :class:`AuthenticationError` and every later request of the endpoint fails at once without being
+  sent, so a bad key costs one request, not one per prompt. The API key is read from an
+  environment variable and only ever handed to the client; error texts have it replaced by
+  ``***`` (servers may echo it), so it is never printed or written.
 
 * :func:`collect_teacher_data` — answers every prompt row not answered yet and appends the
   teacher data, in the published layout
@@ -43,7 +47,16 @@ class EndpointError(RuntimeError):
 
 
 class MalformedAnswerError(EndpointError):
-    """The endpoint answered 200 with a body that is not a usable chat completion."""
+    """The endpoint answered 200 with a body that is not a usable chat completion (or an empty answer)."""
+
+
+class AuthenticationError(EndpointError):
+    """HTTP 401/403: the key is wrong or lacks access; nothing more is sent to this endpoint."""
+
+
+def redact(text: str, secret: str) -> str:
+    """``text`` with ``secret`` replaced by ``***`` (pure; a short or empty secret is left alone)."""
+    return text.replace(secret, "***") if secret and len(secret) >= 4 else text
 
 
 def read_api_key(env_name: str) -> str:
@@ -102,6 +115,9 @@ def parse_completion_body(text: str, where: str) -> ChatCompletion:
             f"{where}: the endpoint's answer has no string 'choices[0].message.content' "
             f"(got {type(content).__name__}; body starts: {head!r})"
         )
+    if not content.strip():
+        raise MalformedAnswerError(f"{where}: the endpoint's answer is empty (finish_reason="
+                                   f"{choice.get('finish_reason')!r}); not kept as teacher data")
     usage = body.get("usage") if isinstance(body.get("usage"), dict) else {}
     return ChatCompletion(
         content=content,
@@ -131,9 +147,15 @@ class ChatEndpoint:
         self.sampling = sampling or SamplingSettings()
         self.timeout, self.max_retries = timeout, max_retries
         self.backoff_base, self.backoff_max = backoff_base, backoff_max
+        if max_retries < 0 or timeout <= 0 or backoff_base < 0 or backoff_max < 0:
+            raise ValueError(f"max_retries must be >= 0, timeout > 0 and backoffs >= 0; got {max_retries}, {timeout}, "
+                             f"{backoff_base}, {backoff_max}")
         # The client's own retries are off: this class retries, counts and backs off itself.
-        self._client = OpenAI(api_key=read_api_key(api_key_env), base_url=base_url, timeout=timeout, max_retries=0)
+        self._key = read_api_key(api_key_env)
+        self._client = OpenAI(api_key=self._key, base_url=base_url, timeout=timeout, max_retries=0)
         self._lock = threading.Lock()
+        self.refused: AuthenticationError | None = None
+        """The first 401/403; once set, no further request is sent."""
         self.retries = 0
         """Retried attempts so far, all requests together."""
 
@@ -149,7 +171,20 @@ class ChatEndpoint:
         return delay
 
     def complete(self, messages: list, where: str = "request", **overrides) -> ChatCompletion:
-        """One chat completion for ``messages``; ``where`` names the prompt in errors."""
+        """One chat completion for ``messages``; ``where`` names the prompt in errors (which never
+        hold the API key)."""
+        if self.refused is not None:
+            raise AuthenticationError(f"{where}: not sent: {self.refused}")
+        try:
+            return self._complete(messages, where, **overrides)
+        except EndpointError as err:
+            safe = type(err)(redact(str(err), self._key))
+            if isinstance(err, AuthenticationError):
+                with self._lock:
+                    self.refused = self.refused or safe
+            raise safe from None
+
+    def _complete(self, messages: list, where: str, **overrides) -> ChatCompletion:
         import openai
 
         fields = {**self.sampling.request_fields(), **{k: v for k, v in overrides.items() if v is not None}}
@@ -164,6 +199,10 @@ class ChatEndpoint:
             except openai.APIStatusError as err:
                 status = err.status_code
                 last_problem = f"HTTP {status}: {err.message}"
+                if status in (401, 403):
+                    raise AuthenticationError(
+                        f"{where}: the endpoint refused the API key ({last_problem}); check the key and "
+                        "the model name, nothing more is sent") from None
                 if status not in RETRYABLE_STATUS and status < 500:
                     raise EndpointError(f"{where}: the endpoint refused the request ({last_problem})") from None
                 retry_error = err
@@ -362,8 +401,12 @@ def collect_teacher_data(
 
     report = CollectionReport(total_rows=len(rows))
     failures_path, dropped_path = sidecar_paths(output_path)
-    done = {r.get("collection_key") for r in recover_jsonl(output_path)}
-    done |= {r.get("collection_key") for r in recover_jsonl(dropped_path)}
+    existing = recover_jsonl(output_path) + recover_jsonl(dropped_path)
+    others = sorted({str(r.get("teacher")) for r in existing if r.get("teacher") != endpoint.model})
+    if others:
+        raise ValueError(f"{output_path} already holds answers of teacher {', '.join(others)}, not {endpoint.model}; "
+                         "use another --output (one file per teacher) or the same --model to resume")
+    done = {r.get("collection_key") for r in existing}
 
     pending = []
     for row in rows:
@@ -406,6 +449,8 @@ def collect_teacher_data(
                     row, key = in_flight.pop(future)
                     try:
                         completion = future.result()
+                    except AuthenticationError:
+                        raise  # the key is refused: every other request would be too
                     except EndpointError as err:
                         report.failed.append({"row": row.index, "source": row.source, "line": row.line,
                                               "collection_key": key, "error": str(err)})

@@ -11,7 +11,8 @@ What it answers, per request, in this order:
    request number); it returns an action or a plain string (= a normal reply);
 3. else a normal reply ``"echo: <content of the last message>"``.
 
-Actions: :class:`Reply` (normal answer), :class:`Status` (an HTTP error such as 429 or 500),
+Actions: :class:`Reply` (normal answer), :class:`Status` (an HTTP error such as 429 or 500, or 401
+with a message that may echo the caller's key: ``{api_key}`` in it is replaced by the bearer token sent),
 :class:`Slow` (sleep, then another action; use it to exceed the client timeout) and :class:`Raw`
 (any body, e.g. malformed JSON or JSON without ``choices``).
 
@@ -124,6 +125,9 @@ class FakeOpenAIServer:
                     time.sleep(server.delay)
                 self._act(action, body)
 
+            def _bearer(self) -> str:
+                return (self.headers.get("Authorization") or "").removeprefix("Bearer ")
+
             def _act(self, action, body):
                 if isinstance(action, str):
                     action = Reply(action)
@@ -132,8 +136,10 @@ class FakeOpenAIServer:
                     last = body.get("messages", [{}])[-1].get("content", "") if isinstance(body, dict) else ""
                     return self._act(action.then if action.then is not None else Reply(f"echo: {last}"), body)
                 if isinstance(action, Status):
-                    kind = "rate_limit_exceeded" if action.code == 429 else "server_error"
-                    return self._send(action.code, {"error": {"message": action.message, "type": kind}}, action.headers)
+                    kind = {429: "rate_limit_exceeded", 401: "invalid_api_key", 403: "permission_denied"}.get(
+                        action.code, "server_error")
+                    message = action.message.replace("{api_key}", self._bearer())
+                    return self._send(action.code, {"error": {"message": message, "type": kind}}, action.headers)
                 if isinstance(action, Raw):
                     return self._send_bytes(action.status, action.body.encode("utf-8"), action.content_type)
                 if isinstance(action, Reply):

@@ -252,3 +252,73 @@ def test_reads_parquet_and_datasets_folders(tmp_path):
     datasets.Dataset.from_list(records).save_to_disk(str(tmp_path / "ds"))
     rows = load_prompt_rows(str(tmp_path / "ds"), prompt_key="prompt")
     assert [r.index for r in rows] == [0, 1, 2] and rows[0].messages[-1]["content"] == "p0"
+
+
+# ----------------------------------------------------------------------------------------------
+# Issue 10: empty answers, a refused key, key echo, bad numbers, two teachers in one file
+
+
+def test_empty_and_whitespace_answers_are_failures_not_rows(server, tmp_path):
+    prompts = write_prompts(tmp_path / "prompts.jsonl", 3)
+    server.responder = lambda body, index: {"question number 0": "", "question number 1": " \n\t "}.get(
+        body["messages"][-1]["content"])
+    out = tmp_path / "teacher.jsonl"
+    result = run_cli(["--prompts", str(prompts), "--base-url", server.base_url, "--model", "t", "--output", str(out),
+                      "--no-progress"])
+    assert result.returncode == 1
+    assert [r["id"] for r in recover_jsonl(out)] == ["q2"]
+    failures = [json.loads(line) for line in open(str(out) + ".failures.jsonl")]
+    assert sorted(f["row"] for f in failures) == [0, 1] and all("answer is empty" in f["error"] for f in failures)
+
+
+@pytest.mark.parametrize("code", [401, 403])
+def test_a_refused_key_stops_at_the_first_request_and_is_never_echoed(server, tmp_path, code):
+    prompts = write_prompts(tmp_path / "prompts.jsonl", 20)
+    server.responder = lambda body, index: Status(code, message="Incorrect API key provided: {api_key}")
+    out = tmp_path / "teacher.jsonl"
+    result = run_cli(["--prompts", str(prompts), "--base-url", server.base_url, "--model", "t", "--output", str(out),
+                      "--concurrency", "1", "--no-progress"])
+    assert result.returncode == 2, result.stderr
+    assert f"refused the API key (HTTP {code}" in result.stderr and "Incorrect API key provided: ***" in result.stderr
+    assert len(server.chat_requests()) == 1
+    assert SECRET not in result.stdout + result.stderr
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            assert SECRET not in path.read_text(errors="replace"), path
+
+
+def test_an_echoed_key_in_a_failure_is_redacted_in_output_and_failures_file(server, tmp_path):
+    prompts = write_prompts(tmp_path / "prompts.jsonl", 2)
+    server.responder = lambda body, index: Status(400, message="bad request from key {api_key}")
+    out = tmp_path / "teacher.jsonl"
+    result = run_cli(["--prompts", str(prompts), "--base-url", server.base_url, "--model", "t", "--output", str(out),
+                      "--no-progress"])
+    assert result.returncode == 1
+    assert "bad request from key ***" in result.stderr and SECRET not in result.stderr
+    assert SECRET not in Path(str(out) + ".failures.jsonl").read_text()
+
+
+@pytest.mark.parametrize("flag, value", [("--max-retries", "-1"), ("--concurrency", "0"), ("--timeout", "0"),
+                                         ("--limit", "-2")])
+def test_out_of_range_numbers_are_refused(server, tmp_path, flag, value):
+    prompts = write_prompts(tmp_path / "prompts.jsonl", 1)
+    result = run_cli(["--prompts", str(prompts), "--base-url", server.base_url, "--model", "t",
+                      "--output", str(tmp_path / "o.jsonl"), flag, value])
+    assert result.returncode == 2 and f"argument {flag}: must be" in result.stderr
+    assert not server.chat_requests()
+
+
+def test_a_second_teacher_into_the_same_output_is_refused(server, tmp_path):
+    prompts = write_prompts(tmp_path / "prompts.jsonl", 2)
+    out = tmp_path / "teacher.jsonl"
+    args = ["--prompts", str(prompts), "--base-url", server.base_url, "--output", str(out), "--no-progress"]
+    assert run_cli(args + ["--model", "teacher-a"]).returncode == 0
+    result = run_cli(args + ["--model", "teacher-b"])
+    assert result.returncode == 2 and "already holds answers of teacher teacher-a, not teacher-b" in result.stderr
+    assert len(server.chat_requests()) == 2 and {r["teacher"] for r in recover_jsonl(out)} == {"teacher-a"}
+
+
+def test_help_shows_defaults_and_row_order():
+    result = run_cli(["--help"])
+    assert result.returncode == 0
+    assert "(default: 8)" in result.stdout and "order the answers arrive" in result.stdout
