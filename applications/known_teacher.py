@@ -84,14 +84,15 @@ def stage_plan(arm: str, args) -> list:
     warmup = ("warmup", "warmup", None, ["--trainer.max_steps", args.warmup_steps,
                                          "--trainer.critic_warmup", args.critic_warmup])
     gad_flags = ["--trainer.max_steps", args.gad_steps, *shlex.split(args.gad_flags)]
+    suffix = f"_{args.variant}" if args.variant else ""
     if arm == "seqkd":
         return [("seqkd", "seqkd", None, ["--trainer.max_steps", warm_actor_steps + args.gad_steps])]
     if arm == "warmup":
         return [warmup]
     if arm == "gad":
-        return [warmup, ("gad", "gad", "warmup", gad_flags)]
+        return [warmup, ("gad", "gad" + suffix, "warmup", gad_flags)]
     if arm == "gad_frozen":
-        return [warmup, ("gad", "gad_frozen", "warmup", gad_flags + ["--critic.freeze", "true"])]
+        return [warmup, ("gad", "gad_frozen" + suffix, "warmup", gad_flags + ["--critic.freeze", "true"])]
     raise ValueError(arm)
 
 
@@ -115,6 +116,28 @@ def train_seed(seed: int, arms: list, paths: dict, args, extra: list) -> dict:
             wall[name] = run_stage(stage, launcher, output, init, [str(v) for v in common + flags + extra])
             runs[name] = output
     return {"runs": runs, "wall": wall}
+
+
+def evaluate_cached(models: dict, paths: dict, heldout, args, seed: int, out: Path) -> dict:
+    """:func:`evaluate_against_teacher` per model, reusing a stored result made with the same
+    settings (kept in the run folder, or in ``out`` for models that are not runs of this benchmark)."""
+    from gadchat.known_teacher import evaluate_against_teacher
+
+    settings = {"teacher": paths["teacher"], "prompts": len(heldout.messages), "samples": args.eval_samples,
+                "max_new_tokens": TEACHER_MAX_NEW_TOKENS, "seed": seed, "backend": args.backend}
+    results = {}
+    for name, path in models.items():
+        is_run = Path(path).resolve().is_relative_to(out)
+        cache = Path(path) / "known_teacher_eval.json" if is_run else out / f"eval_{name}_seed{seed}.json"
+        if cache.exists():
+            stored = json.loads(cache.read_text())
+            if stored.get("settings") == settings and stored.get("model") == str(path):
+                results[name] = stored["metrics"]
+                continue
+        results[name] = evaluate_against_teacher({name: path}, paths["teacher"], heldout, args.eval_samples,
+                                                 TEACHER_MAX_NEW_TOKENS, seed=seed, backend=args.backend)[name]
+        cache.write_text(json.dumps({"settings": settings, "model": str(path), "metrics": results[name]}, indent=1))
+    return results
 
 
 def read_metrics(run: Path) -> list:
@@ -193,7 +216,9 @@ def plot(summary: dict, arms: list, per_seed_runs: dict, out_dir: Path) -> list:
     for ax, key in zip(axes.flat, CURVES):
         for seed, runs in per_seed_runs.items():
             for name, style in (("gad", "-"), ("gad_frozen", ":")):
-                rows = [r for r in read_metrics(runs.get(name, Path("/nonexistent"))) if key in r]
+                run = next((path for run_name, path in runs.items() if run_name.startswith(name)
+                            and ("frozen" in run_name) == ("frozen" in name)), None)
+                rows = [r for r in read_metrics(run) if key in r] if run else []
                 if rows:
                     ax.plot([r["step"] for r in rows], [r[key] for r in rows], style, label=f"{name} s{seed}")
         ax.set_title(key, fontsize=9)
@@ -208,6 +233,35 @@ def plot(summary: dict, arms: list, per_seed_runs: dict, out_dir: Path) -> list:
     plt.close(fig)
     written.append(path)
     return written
+
+
+def record(args, extra: list, summary: dict, arms: list, teacher_self: dict, checks: list, report: list,
+           pictures: list, total: float) -> list:
+    """Store the run as ``benchmarks/results/9_known_teacher_NAME.json`` (rendered into RESULTS.md by
+    the benchmarks' common store) and copy its plots beside it; returns the plots' new paths."""
+    import shutil
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from common import RESULTS_DIR, save_result
+
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for picture in pictures:
+        target = RESULTS_DIR / f"known_teacher_{args.record}_{Path(picture).name}"
+        shutil.copyfile(picture, target)
+        copied.append(target)
+    rows = [[arm, *[f"{summary[arm][k][0]:.3f} ± {summary[arm][k][1]:.3f}" for k, _, _ in METRICS]] for arm in arms]
+    rows.append(["teacher (itself)", *[f"{teacher_self[k]:.3f}" for k, _, _ in METRICS]])
+    command = "python -m applications.known_teacher " + " ".join(
+        shlex.quote(a) for a in (sys.argv[1:] if len(sys.argv) > 1 else []))
+    save_result(f"9_known_teacher_{args.record}", {
+        "title": f"9. Known-teacher quality: {args.title or args.record}",
+        "description": "\n".join(report[:2]) + f" Plots: {', '.join('results/' + p.name for p in copied)}.",
+        "table": {"columns": ["arm", *[label for _, label, _ in METRICS]], "rows": rows},
+        "notes": [f"[{'x' if met else ' '}] {text}" for text, met in checks] + [f"wall time {total:.0f} s"],
+        "summary": summary, "args": vars(args), "extra": [str(e) for e in extra],
+    }, command)
+    return copied
 
 
 def environment() -> str:
@@ -237,11 +291,16 @@ def main(argv=None) -> int:
     parser.add_argument("--critic-warmup", type=int, default=10)
     parser.add_argument("--gad-steps", type=int, default=30)
     parser.add_argument("--gad-flags", default="", help="extra flags for the GAD stages only, as one string")
+    parser.add_argument("--variant", default="", help="a name for this GAD setting: its runs go to gad_NAME and "
+                        "gad_frozen_NAME beside the shared warm-up and SeqKD runs of the same --output-dir")
     parser.add_argument("--num-procs", type=int, default=2, help="ranks per stage")
     parser.add_argument("--eval-prompts", type=int, default=0, help="held-out prompts to evaluate on (0 = all)")
     parser.add_argument("--eval-samples", type=int, default=2, help="student samples per held-out prompt")
     parser.add_argument("--backend", default="auto", choices=("auto", "vllm", "hf"), help="for data and evaluation")
     parser.add_argument("--no-diagnostics", action="store_true", help="do not score rollouts under the teacher")
+    parser.add_argument("--record", default="", help="also store this run as a section of benchmarks/RESULTS.md "
+                        "(benchmarks/results/9_known_teacher_NAME.json) with its plots beside it")
+    parser.add_argument("--title", default="", help="the section's title with --record")
     args, extra = parser.parse_known_args(argv)
     if extra and extra[0] == "--":
         extra = extra[1:]
@@ -262,18 +321,17 @@ def main(argv=None) -> int:
 
     from transformers import AutoTokenizer
 
-    from gadchat.known_teacher import evaluate_against_teacher, held_out
+    from gadchat.known_teacher import held_out
 
     heldout = held_out(Path(paths["test"]), AutoTokenizer.from_pretrained(paths["student"]), args.eval_prompts)
     per_seed = {}
     for seed in args.seeds:
         runs = trained[seed]["runs"]
-        models = {arm: (paths["student"] if arm == "start" else str(runs[arm if arm != "gad_frozen" else "gad_frozen"]))
-                  for arm in arms}
-        per_seed[seed] = evaluate_against_teacher(models, paths["teacher"], heldout, args.eval_samples,
-                                                  TEACHER_MAX_NEW_TOKENS, seed=seed, backend=args.backend)
-    teacher_self = evaluate_against_teacher({"teacher": paths["teacher"]}, paths["teacher"], heldout, args.eval_samples,
-                                            TEACHER_MAX_NEW_TOKENS, seed=0, backend=args.backend)["teacher"]
+        suffix = f"_{args.variant}" if args.variant else ""
+        models = {arm: (paths["student"] if arm == "start" else
+                        str(runs[arm + suffix if arm.startswith("gad") else arm])) for arm in arms}
+        per_seed[seed] = evaluate_cached(models, paths, heldout, args, seed, out)
+    teacher_self = evaluate_cached({"teacher": paths["teacher"]}, paths, heldout, args, 0, out)["teacher"]
     summary = summarise(per_seed, arms)
     total = time.perf_counter() - started
     checks = goal_checks(summary)
@@ -295,6 +353,8 @@ def main(argv=None) -> int:
         "teacher_self": teacher_self, "summary": summary, "checks": checks, "wall_s": total,
         "runs": {s: {k: str(v) for k, v in trained[s]["runs"].items()} for s in args.seeds}}, indent=1))
     pictures = plot(summary, arms, {s: trained[s]["runs"] for s in args.seeds}, out)
+    if args.record:
+        pictures = record(args, extra, summary, arms, teacher_self, checks, report, pictures, total)
     log("\n" + text)
     log(f"\n[known-teacher] results: {out / 'results.md'}, {out / 'results.json'}; plots: "
         + ", ".join(str(p) for p in pictures))
