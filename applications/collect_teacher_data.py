@@ -72,17 +72,17 @@ def build_parser() -> argparse.ArgumentParser:
     endpoint.add_argument("--backoff-base", type=bounded(float, 0), default=1.0, help="first backoff in seconds; doubles per retry")
     endpoint.add_argument("--backoff-max", type=bounded(float, 0), default=60.0, help="longest backoff in seconds")
     sampling = parser.add_argument_group("sampling (unset = the endpoint's default)")
-    sampling.add_argument("--temperature", type=float, default=None)
-    sampling.add_argument("--top-p", type=float, default=None)
+    sampling.add_argument("--temperature", type=float, default=None, help="sampling temperature")
+    sampling.add_argument("--top-p", type=float, default=None, help="nucleus sampling")
     sampling.add_argument("--max-tokens", type=bounded(int, 0), default=2048, help="0 = do not send max_tokens")
-    sampling.add_argument("--seed", type=int, default=None)
+    sampling.add_argument("--seed", type=int, default=None, help="sampling seed, where the endpoint supports it")
     filters = parser.add_argument_group("filters")
     filters.add_argument("--drop-truncated", action="store_true",
                          help="do not keep responses with finish_reason == 'length' (they go to <output>.dropped.jsonl)")
     filters.add_argument("--tokenizer", default="", help="tokenizer folder or hub id for --max-prompt-tokens")
     filters.add_argument("--max-prompt-tokens", type=bounded(int, 0), default=0,
                          help="skip prompts longer than this (needs --tokenizer)")
-    parser.add_argument("--output", required=True, help="output JSON-lines file (appended to; resumable)")
+    parser.add_argument("--output", required=True, help="output JSON-lines file (appended to; resumable; rows in order of arrival)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 

@@ -8,13 +8,16 @@ training output dir (its ``final/actor``) or a hub id. Eval sets: ``heldout`` (t
 ``data/alpaca_eval_gpt4o/test.jsonl``), or ``NAME=FILE`` / ``FILE`` in the published layout
 (``content`` messages + ``teacher_response``; other keys via ``--prompt-key`` / ``--response-key``).
 
-Every model answers every prompt greedily. Metrics per set and model:
+Every model answers every prompt greedily. ``generations.jsonl`` lists, per set then per model, the
+prompts in their input order. Metrics per set and model:
 
 * ROUGE-L F1 (x100) of the answer against the teacher response (``rouge-score``, stemming on);
 * judge score (only with ``--judge-base-url``): mean over prompts of
   ``s_student / (s_student + s_reference) x 100``, where the judge model grades (1-10) the
-  student's answer and its own reference answer (see :mod:`gadchat.judge`). Unreadable grades and
-  failed judge requests are counted in the table and left out of the mean.
+  student's answer and its own reference answer (see :mod:`gadchat.judge`): the mean of the
+  per-prompt scores (not a ratio of mean grades). Unreadable grades and failed judge requests are
+  counted in the table and left out of the mean. A judge that answers no request at all makes the
+  exit status 1; a refused key (401/403) stops the evaluation at once (exit status 2).
 
 Writes ``results.md`` (one markdown table per set, all models as rows; also printed),
 ``results.json`` and ``generations.jsonl`` (every answer with its scores and judge replies) to
@@ -32,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gadchat.config import DataConfig
-from gadchat.data import DataError, read_prompts
+from gadchat.data import DataError, read_prompts, split_part
 from gadchat.generation import BACKENDS, GenerationSettings, Generator, resolve_model_path
 from gadchat.judge import (
     Judge,
@@ -44,7 +47,7 @@ from gadchat.judge import (
     run_parallel,
 )
 from gadchat.rouge import rouge_l_f1
-from gadchat.teacher_api import ChatEndpoint, JsonlAppender, SamplingSettings, recover_jsonl
+from gadchat.teacher_api import AuthenticationError, ChatEndpoint, JsonlAppender, SamplingSettings, recover_jsonl
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EVAL_SET_ALIASES = {"heldout": REPO_ROOT / "data" / "alpaca_eval_gpt4o" / "test.jsonl"}
@@ -94,38 +97,58 @@ def parse_eval_sets(specs: list) -> list[EvalSet]:
     return sets
 
 
+def bounded(kind, low, strict=False):
+    """An argparse type: ``kind`` values >= low (> low when ``strict``), refused naming the bound."""
+    def parse(text):
+        value = kind(text)
+        if value < low or (strict and value == low):
+            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {low}, got {text}")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m applications.evaluate",
-                                     description="ROUGE-L and LLM-judge evaluation of one or several models.")
+    parser = argparse.ArgumentParser(
+        prog="python -m applications.evaluate", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="ROUGE-L and LLM-judge evaluation of one or several models. The judge score of a model is the "
+                    "mean over prompts of s_student / (s_student + s_reference) x 100, prompts whose grades could not "
+                    "be read or whose judge requests failed left out (and counted). generations.jsonl lists the "
+                    "prompts of each set in input order, per set and model.")
     parser.add_argument("--models", nargs="+", required=True, help="LABEL=PATH or PATH (model folder, training output dir, hub id)")
     parser.add_argument("--eval-sets", nargs="+", default=["heldout"], help="heldout, NAME=FILE or FILE (published layout)")
-    parser.add_argument("--output-dir", required=True)
+    parser.add_argument("--output-dir", required=True, help="results.md, results.json, generations.jsonl go here")
     data = parser.add_argument_group("data")
-    data.add_argument("--prompt-key", default="content")
-    data.add_argument("--response-key", default="teacher_response")
-    data.add_argument("--system-prompt", default="")
-    data.add_argument("--max-prompts", type=int, default=0, help="first N prompts of each set (0 = all)")
+    data.add_argument("--prompt-key", default="content", help="prompt field of the eval sets")
+    data.add_argument("--response-key", default="teacher_response", help="teacher-response field of the eval sets")
+    data.add_argument("--system-prompt", default="", help="system turn prepended to prompts that have none")
+    data.add_argument("--eval-split", type=float, default=0.0,
+                      help="use only the held-out part of each set under this --data.eval_split fraction (the rows "
+                           "training left out); 0 = every row")
+    data.add_argument("--max-prompts", type=bounded(int, 0), default=0, help="first N prompts of each set (0 = all)")
     gen = parser.add_argument_group("generation (greedy)")
     gen.add_argument("--backend", default="auto", choices=BACKENDS, help="auto = vllm where installed, else hf")
-    gen.add_argument("--max-new-tokens", type=int, default=1536)
-    gen.add_argument("--dtype", default="auto")
-    gen.add_argument("--max-model-len", type=int, default=None, help="vLLM context length")
-    gen.add_argument("--batch-size", type=int, default=16, help="sequences per transformers generate call")
-    gen.add_argument("--gpu-memory-utilization", type=float, default=0.85, help="vLLM on GPU")
+    gen.add_argument("--max-new-tokens", type=bounded(int, 1), default=1536, help="longest answer in tokens")
+    gen.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
+    gen.add_argument("--max-model-len", type=bounded(int, 1), default=None, help="vLLM context length")
+    gen.add_argument("--batch-size", type=bounded(int, 1), default=16, help="sequences per transformers generate call")
+    gen.add_argument("--gpu-memory-utilization", type=bounded(float, 0, strict=True), default=0.85, help="vLLM on GPU")
     judge = parser.add_argument_group("judge (optional; empty --judge-base-url = ROUGE-L only)")
-    judge.add_argument("--judge-base-url", default="")
-    judge.add_argument("--judge-model", default="gpt-4o")
-    judge.add_argument("--judge-api-key-env", default="OPENAI_API_KEY")
-    judge.add_argument("--judge-prompt", default="", help="judge prompt template with {question} and {answer}")
-    judge.add_argument("--judge-concurrency", type=int, default=8)
-    judge.add_argument("--judge-timeout", type=float, default=120.0)
-    judge.add_argument("--judge-max-retries", type=int, default=6)
-    judge.add_argument("--judge-backoff-base", type=float, default=1.0)
-    judge.add_argument("--judge-reference-max-tokens", type=int, default=2048)
-    judge.add_argument("--judge-grade-max-tokens", type=int, default=1024)
+    judge.add_argument("--judge-base-url", default="", help="OpenAI-compatible endpoint of the judge (empty = no judge)")
+    judge.add_argument("--judge-model", default="gpt-4o", help="judge model name sent to the endpoint")
+    judge.add_argument("--judge-api-key-env", default="OPENAI_API_KEY", help="environment variable holding the judge's key")
+    judge.add_argument("--judge-prompt", default="",
+                       help="path of a text file holding the judge prompt template, with {question} and {answer} "
+                            "placeholders (empty = applications/prompts/judge_prompt.txt)")
+    judge.add_argument("--judge-concurrency", type=bounded(int, 1), default=8, help="judge requests in flight at once")
+    judge.add_argument("--judge-timeout", type=bounded(float, 0, strict=True), default=120.0, help="per-request timeout in seconds")
+    judge.add_argument("--judge-max-retries", type=bounded(int, 0), default=6, help="retries on 429 / 5xx / timeouts (401/403 stop the evaluation)")
+    judge.add_argument("--judge-backoff-base", type=bounded(float, 0), default=1.0, help="first backoff in seconds; doubles per retry")
+    judge.add_argument("--judge-reference-max-tokens", type=bounded(int, 1), default=2048, help="longest reference answer of the judge")
+    judge.add_argument("--judge-grade-max-tokens", type=bounded(int, 1), default=1024, help="longest grading reply")
     judge.add_argument("--judge-cache", default="",
-                       help="JSON lines of reference answers + grades to reuse (default: OUTPUT_DIR/judge_references.jsonl)")
-    parser.add_argument("--no-progress", action="store_true")
+                       help="JSON lines of reference answers + grades to reuse (empty = OUTPUT_DIR/judge_references.jsonl)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
 
 
@@ -163,14 +186,27 @@ def markdown_tables(results: dict, sets: list[EvalSet], labels: list[str], judge
 
 
 def main(argv=None) -> int:
+    try:
+        return evaluate(argv)
+    except AuthenticationError as err:
+        print(f"error: judge: {err}", file=sys.stderr)
+        return 2
+
+
+def evaluate(argv=None) -> int:
     args = build_parser().parse_args(argv)
     progress = not args.no_progress
     try:
         models = parse_model_specs(args.models)
         sets = parse_eval_sets(args.eval_sets)
         data_cfg = DataConfig(prompt_key=args.prompt_key, response_key=args.response_key, system_prompt=args.system_prompt)
+        if not 0 <= args.eval_split < 1:
+            raise ValueError(f"--eval-split must be 0 (off) or a fraction > 0 and < 1, got {args.eval_split}")
         for eval_set in sets:
-            eval_set.rows = read_prompts(data_cfg, eval_set.spec, require_response=True)
+            eval_set.rows = split_part(read_prompts(data_cfg, eval_set.spec, require_response=True), args.eval_split, "eval")
+            if not eval_set.rows:
+                raise ValueError(f"eval set {eval_set.name} ({eval_set.spec}) has no rows"
+                                 + (f" in its --eval-split {args.eval_split} part" if args.eval_split else ""))
             if args.max_prompts:
                 eval_set.rows = eval_set.rows[: args.max_prompts]
         judge = None
@@ -208,6 +244,7 @@ def main(argv=None) -> int:
 
     # 2. Judge: a reference answer per prompt (shared by all models), its grade, each model's grade.
     references, reference_verdicts, student_verdicts = {}, {}, {}
+    judge_requests, judge_answers, judge_first_error = 0, 0, ""
     if judge is not None:
         where = lambda s, row: f"set {s.name}, {row[0]} row {row[1]}"  # noqa: E731
         prompt_key = lambda s, row: (s.name, row[0], row[1])  # noqa: E731
@@ -246,6 +283,10 @@ def main(argv=None) -> int:
                     grade_items.append((row[2], completion.text, where(eval_set, row) + f" (grading {label})"))
                     grade_keys.append((label, prompt_key(eval_set, row)))
         verdicts = run_parallel(judge.grade, grade_items, args.judge_concurrency, "judge: grades", progress)
+        judge_requests = len(reference_out) + len(verdicts)
+        judge_answers = sum(a is not None for a, _ in reference_out) + sum(v.status != "failed" for v in verdicts)
+        judge_first_error = next((e for a, e in reference_out if a is None), "") or next(
+            (v.error for v in verdicts if v.error), "")
         with JsonlAppender(cache_path) as cache_out:
             for (who, key), verdict in zip(grade_keys, verdicts):
                 if who != "reference":
@@ -322,6 +363,10 @@ def main(argv=None) -> int:
     (out_dir / "results.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False), encoding="utf-8")
     print(table)
     print(f"[evaluate] wrote {out_dir / 'results.md'}, {out_dir / 'results.json'}, {out_dir / 'generations.jsonl'}")
+    if judge_requests and not judge_answers:
+        print(f"error: the judge answered none of its {judge_requests} requests, so there is no judge score; "
+              f"first error: {judge_first_error}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from gadchat.teacher_api import ChatEndpoint, EndpointError
+from gadchat.teacher_api import AuthenticationError, ChatEndpoint, EndpointError
 
 DEFAULT_JUDGE_PROMPT = Path(__file__).resolve().parent.parent / "applications" / "prompts" / "judge_prompt.txt"
 SCORE_RANGE = (1.0, 10.0)
@@ -124,6 +124,8 @@ class Judge:
         """``(answer, error)``: the judge's own answer to the prompt, or ``None`` and why it failed."""
         try:
             return self.endpoint.complete(messages, where=where, max_tokens=self.reference_max_tokens).content, ""
+        except AuthenticationError:
+            raise  # a refused key: the whole evaluation stops
         except EndpointError as err:
             return None, str(err)
 
@@ -132,6 +134,8 @@ class Judge:
         try:
             reply = self.endpoint.complete([{"role": "user", "content": prompt}], where=where,
                                            max_tokens=self.grade_max_tokens).content
+        except AuthenticationError:
+            raise  # a refused key: the whole evaluation stops
         except EndpointError as err:
             return Verdict(None, "", str(err))
         return Verdict(parse_judge_score(reply), reply)

@@ -195,3 +195,57 @@ def test_evaluate_cli_with_vllm_two_models_in_one_process(tiny_chat_model, train
     for g in generations:
         texts.setdefault(g["row"], set()).add(g["generation"])
     assert all(len(t) == 1 for t in texts.values())  # the same weights answer the same after the engine swap
+
+
+# ----------------------------------------------------------------------------------------------
+# Issue 10: a judge that answers nothing, a refused judge key, the held-out part of one file
+
+
+def test_a_judge_that_fails_every_request_makes_the_exit_status_1(tiny_chat_model, custom_set, tmp_path, monkeypatch,
+                                                                   capsys):
+    monkeypatch.setenv("OPENAI_API_KEY", JUDGE_KEY)
+    with FakeOpenAIServer(responder=lambda body, index: Status(500, "judge down")) as server:
+        code = evaluate.main(["--models", str(tiny_chat_model), "--eval-sets", str(custom_set), "--max-new-tokens", "4",
+                              "--backend", "hf", "--output-dir", str(tmp_path / "eval"), "--judge-base-url",
+                              server.base_url, "--judge-backoff-base", "0.01", "--judge-max-retries", "0",
+                              "--no-progress"])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "the judge answered none of its 4 requests" in err, err[-500:]
+
+
+def test_a_refused_judge_key_stops_the_evaluation_without_echoing_it(tiny_chat_model, custom_set, tmp_path,
+                                                                      monkeypatch, capsys):
+    monkeypatch.setenv("OPENAI_API_KEY", JUDGE_KEY)
+    with FakeOpenAIServer(responder=lambda body, index: Status(401, "Incorrect API key provided: {api_key}")) as server:
+        code = evaluate.main(["--models", str(tiny_chat_model), "--eval-sets", str(custom_set), "--max-new-tokens", "4",
+                              "--backend", "hf", "--output-dir", str(tmp_path / "eval"), "--judge-base-url",
+                              server.base_url, "--judge-concurrency", "1", "--no-progress"])
+        sent = len(server.chat_requests())
+    err = capsys.readouterr().err
+    assert code == 2 and "refused the API key (HTTP 401" in err and JUDGE_KEY not in err
+    assert sent == 1
+
+
+def test_eval_split_evaluates_only_the_held_out_rows(tiny_chat_model, tmp_path):
+    from gadchat.data import is_held_out
+
+    rows = [{"instruction": f"Question {i}?", "output": f"Answer {i}."} for i in range(40)]
+    data = tmp_path / "mine.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "eval"
+    assert evaluate.main(["--models", str(tiny_chat_model), "--eval-sets", f"mine={data}", "--prompt-key", "instruction",
+                          "--response-key", "output", "--eval-split", "0.25", "--max-new-tokens", "4",
+                          "--backend", "hf", "--output-dir", str(out), "--no-progress"]) == 0
+    held = [r for r in rows if is_held_out([{"role": "user", "content": r["instruction"]}], 0.25)]
+    generated = [json.loads(line) for line in open(out / "generations.jsonl")]
+    assert 0 < len(held) < 40 and [g["teacher_response"] for g in generated] == [r["output"] for r in held]
+
+
+def test_evaluate_help_shows_defaults_and_the_judge_prompt_is_a_path():
+    result = subprocess.run([sys.executable, "-m", "applications.evaluate", "--help"], capture_output=True, text=True,
+                            cwd=Path(__file__).resolve().parent.parent)
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())
+    assert "(default: 8)" in text and "path of a text file holding the judge prompt template" in text
+    assert "mean over prompts" in text
