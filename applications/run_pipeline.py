@@ -9,6 +9,11 @@ ZeRO-3 ranks, a few minutes on 2 cores. For a real run pick a model and a deploy
         --output-dir outputs/qwen7b --with-seqkd -- --data.train_files my_teacher_data.jsonl
 
 Flags after ``--`` go to every stage (``--section.field VALUE``, see any step's ``--help``).
+
+Evaluation set: ``--eval-files`` with ``--eval-prompt-key`` / ``--eval-response-key`` (default: the
+training keys given after ``--``); with ``--data.eval_split F`` after ``--`` and no
+``--eval-files``, the held-out part of the training files (training never sees it); otherwise the
+shipped GPT-4o held-out split with its published keys. The pipeline says which one it uses.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ def stage_script(stage: str, deployment: str) -> Path:
 
 
 def last_mean(rows: list, key: str, count: int = 5):
-    values = [r[key] for r in rows if key in r][-count:]
+    values = [r[key] for r in rows if r.get(key) is not None][-count:]
     return sum(values) / len(values) if values else None
 
 
@@ -74,19 +79,56 @@ def run_stage(stage: str, args, output_dir: Path, init_from: Path | None, extra:
     return time.perf_counter() - started
 
 
+def eval_plan(args, extra: list) -> tuple:
+    """``(evaluate flags, stage flags, description)`` of the evaluation set (see the module docstring)."""
+    from gadchat.config import DataConfig, load_config
+
+    data = load_config(extra).data  # the stages' data section, as their flags set it
+    published = DataConfig()
+    if args.eval_files:
+        prompt_key = args.eval_prompt_key or data.prompt_key
+        response_key = args.eval_response_key or data.response_key
+        flags = ["--eval-sets", f"heldout={args.eval_files}", "--prompt-key", prompt_key, "--response-key", response_key]
+        stage_flags = ["--data.eval_files", args.eval_files, "--data.eval_prompt_key", prompt_key,
+                       "--data.eval_response_key", response_key]
+        return flags, stage_flags, f"{args.eval_files} (keys {prompt_key} / {response_key})"
+    if data.eval_split > 0:
+        flags = ["--eval-sets", f"heldout={data.train_files}", "--prompt-key", data.prompt_key,
+                 "--response-key", data.response_key, "--eval-split", str(data.eval_split)]
+        return flags, [], (f"the held-out {data.eval_split:g} of {data.train_files} (--data.eval_split; keys "
+                           f"{data.prompt_key} / {data.response_key})")
+    if args.eval_prompt_key or args.eval_response_key:
+        raise SystemExit("[pipeline] --eval-prompt-key / --eval-response-key need --eval-files")
+    return (["--eval-sets", "heldout"], [],
+            f"the shipped GPT-4o held-out split {published.eval_files} (published keys; choose yours with --eval-files)")
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model", default="builtin:tiny", help="student: hub id or local folder (default: tiny CPU student)")
     parser.add_argument("--deployment", default="cpu", choices=DEPLOYMENTS)
     parser.add_argument("--output-dir", default="outputs/pipeline")
     parser.add_argument("--with-seqkd", action="store_true", help="also train the SeqKD baseline for comparison")
     parser.add_argument("--num-procs", type=int, default=2, help="ranks on the CPU deployment")
-    parser.add_argument("--eval-prompts", type=int, default=16, help="held-out prompts for ROUGE-L (0 = all 105)")
-    parser.add_argument("--eval-max-new-tokens", type=int, default=None)
-    parser.add_argument("--eval-backend", default="auto", choices=("auto", "vllm", "hf"))
+    parser.add_argument("--eval-prompts", type=int, default=16, help="held-out prompts for ROUGE-L (0 = all)")
+    parser.add_argument("--eval-max-new-tokens", type=int, default=None, help="default: 48 on cpu, else 1536")
+    parser.add_argument("--eval-backend", default="auto", choices=("auto", "vllm", "hf"), help="generation backend")
+    parser.add_argument("--eval-files", default="", help="evaluation file (teacher data); empty: see the description")
+    parser.add_argument("--eval-prompt-key", default="", help="prompt field of --eval-files (empty = the training key)")
+    parser.add_argument("--eval-response-key", default="",
+                        help="teacher-response field of --eval-files (empty = the training key)")
     args, extra = parser.parse_known_args(argv)
     if extra and extra[0] == "--":
         extra = extra[1:]
+    if args.eval_prompts < 0 or args.num_procs < 1:
+        raise SystemExit("[pipeline] --eval-prompts must be >= 0 and --num-procs >= 1")
+    try:
+        eval_flags, eval_stage_flags, eval_description = eval_plan(args, extra)
+    except (ValueError, FileNotFoundError) as exc:
+        raise SystemExit(f"error: {exc}") from None
+    print(f"[pipeline] evaluation set: {eval_description}", flush=True)
+    extra = [*extra, *eval_stage_flags]
     out = Path(args.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
 
@@ -107,7 +149,7 @@ def main(argv=None) -> int:
 
     max_new = args.eval_max_new_tokens or (48 if args.deployment == "cpu" else 1536)
     models = [f"student={student}"] + [f"{stage}={out / stage}" for stage in stages]
-    evaluate = [sys.executable, "-m", "applications.evaluate", "--models", *models, "--eval-sets", "heldout",
+    evaluate = [sys.executable, "-m", "applications.evaluate", "--models", *models, *eval_flags,
                 "--output-dir", str(out / "eval"), "--max-new-tokens", str(max_new), "--backend", args.eval_backend]
     if args.eval_prompts:
         evaluate += ["--max-prompts", str(args.eval_prompts)]
@@ -130,8 +172,8 @@ def main(argv=None) -> int:
             f"{fmt(heldout[stage]['rouge_l'], 2)} | {wall[stage]:.0f} |")
     table = "\n".join(lines)
     total = sum(wall.values())
-    summary = (f"{table}\n\nROUGE-L: F1 x 100 against the teacher on {heldout['student']['prompts'] if 'prompts' in heldout['student'] else args.eval_prompts or 105} "
-               f"held-out prompts, greedy, {max_new} new tokens. Total wall time {total:.0f} s "
+    summary = (f"{table}\n\nROUGE-L: F1 x 100 against the teacher on {heldout['student']['prompts']} prompts of "
+               f"{eval_description}, greedy, {max_new} new tokens. Total wall time {total:.0f} s "
                f"(evaluation {wall['eval']:.0f} s). Model: {args.model}; deployment: {args.deployment}.\n")
     (out / "pipeline_results.md").write_text(summary)
     print("\n" + summary)

@@ -44,6 +44,11 @@ class DataConfig:
     train_files: str = "data/alpaca_eval_gpt4o/train.jsonl"
     """Comma-separated JSON lines / parquet files or folders, or a datasets name (``hf:NAME``)."""
     eval_files: str = "data/alpaca_eval_gpt4o/test.jsonl"
+    eval_prompt_key: str = ""
+    """Prompt field of ``eval_files``; empty = ``prompt_key``, except for the shipped default eval
+    file, which is always read with the published keys."""
+    eval_response_key: str = ""
+    """Teacher-response field of ``eval_files``; empty as for ``eval_prompt_key``."""
     train_split: str = "train"
     prompt_key: str = "content"
     """A list of chat messages, or a string taken as a single user turn."""

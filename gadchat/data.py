@@ -311,6 +311,23 @@ def encode_response(tokenizer, response: str) -> list:
     return ids + [eos_token_id(tokenizer)]
 
 
+def eval_data_config(cfg: DataConfig) -> DataConfig:
+    """Pure: ``cfg`` with the key mapping of the evaluation rows. The held-out part of a
+    ``data.eval_split`` is read like the training rows; ``eval_files`` with ``eval_prompt_key`` /
+    ``eval_response_key``, which default to the training keys, except that the shipped default eval
+    file keeps its published keys whatever the training mapping is."""
+    import dataclasses
+
+    if cfg.eval_split > 0:
+        return dataclasses.replace(cfg)
+    published = DataConfig()
+    shipped = cfg.eval_files == published.eval_files
+    return dataclasses.replace(
+        cfg,
+        prompt_key=cfg.eval_prompt_key or (published.prompt_key if shipped else cfg.prompt_key),
+        response_key=cfg.eval_response_key or (published.response_key if shipped else cfg.response_key))
+
+
 def load_teacher_data(cfg: DataConfig, tokenizer, spec: str | None = None, max_rows: int | None = None,
                       part: str = "train"):
     """Read, validate and tokenise teacher data; returns ``(examples, report)``. With

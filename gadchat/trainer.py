@@ -24,7 +24,7 @@ import torch
 
 from gadchat import checkpoint, runtime
 from gadchat.config import GADConfig, save_config
-from gadchat.data import PromptSchedule, load_teacher_data
+from gadchat.data import PromptSchedule, eval_data_config, load_teacher_data
 from gadchat.engine import HybridEngine, SequenceBatch
 from gadchat.losses import (bradley_terry_loss, discriminator_metrics, grpo_advantages, kl_loss, masked_mean,
                             ppo_clip_loss, sft_loss)
@@ -156,8 +156,8 @@ class StageTrainer:
             if t.log_param_digest:
                 local.update(self.param_digests())
             if t.verify_rollout_sync:
-                local["debug/rollout_greedy_match"] = self.engine.rollout_matches_actor(
-                    [e.prompt_ids for e in batch], self.cfg.rollout.max_new_tokens)
+                local.update(self.engine.rollout_sync_check([e.prompt_ids for e in batch],
+                                                            self.cfg.rollout.max_new_tokens))
             local.update(self.engine.timer.timings())
             local["time/step"] = time.perf_counter() - started
             digests = {k: local.pop(k) for k in list(local) if k.startswith("digest/")}
@@ -482,7 +482,7 @@ class StageTrainer:
 
         if not hasattr(self, "_eval_examples"):
             held_out = self.cfg.data.eval_split > 0  # the held-out part of train_files, else eval_files
-            self._eval_examples, _ = load_teacher_data(self.cfg.data, self.tokenizer,
+            self._eval_examples, _ = load_teacher_data(eval_data_config(self.cfg.data), self.tokenizer,
                                                        spec=None if held_out else self.cfg.data.eval_files,
                                                        max_rows=self.cfg.trainer.eval_prompts, part="eval")
         usable = len(self._eval_examples) - len(self._eval_examples) % self.world_size  # equal share per rank:

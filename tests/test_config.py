@@ -27,7 +27,7 @@ def all_fields():
 
 SPECIAL_VALUES = {"trainer.stage": "gad", "rollout.backend": "hf", "data.overlong": "error",
                   "actor.betas": "0.8,0.95", "critic.betas": "0.85,0.9", "trainer.resume": "none",
-                  "model.dtype": "bfloat16", "trainer.on_nonfinite": "skip"}
+                  "model.dtype": "bfloat16", "trainer.on_nonfinite": "skip", "critic.pooling": "sum"}
 
 
 def non_default(section, name, kind, default):
