@@ -6,7 +6,10 @@
 Reads the DeepSpeed checkpoint (ZeRO 0-3; ZeRO-2/3 shards are consolidated to fp32 with DeepSpeed's
 zero_to_fp32) and writes ``OUT/actor`` (AutoModelForCausalLM, loadable by vLLM) and ``OUT/critic``
 (AutoModelForSequenceClassification with one label: the discriminator as a reward model whose
-score equals the training score) with tokenizer and chat template. No GPU needed.
+score equals the training score) with tokenizer and chat template. No GPU needed. Every file is
+checked to hold only tensors and DeepSpeed's plain state before anything is unpickled (a crafted
+checkpoint is refused, naming the file); each folder is written beside its target and renamed
+once whole.
 """
 
 from __future__ import annotations
@@ -19,11 +22,12 @@ from gadchat.checkpoint import CheckpointError, export_from_checkpoint, latest_c
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="a stage's output dir, its checkpoints/ folder, or a step folder")
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--which", default="both", choices=("actor", "critic", "both"))
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--out", required=True, help="OUT/actor and OUT/critic are written")
+    parser.add_argument("--which", default="both", choices=("actor", "critic", "both"), help="models to export")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="weights dtype")
     args = parser.parse_args(argv)
     try:
         step_dir = latest_checkpoint(args.checkpoint)
