@@ -31,26 +31,40 @@ logger = logging.getLogger(__name__)
 
 
 class PhaseTimer:
-    """Wall time per named phase; ``timings()`` returns and clears them (seconds)."""
+    """Wall time per named phase; ``timings()`` returns and clears them (seconds).
+
+    On a GPU it also records each phase's peak GPU memory: ``mem/<phase>_peak_gib`` (the torch
+    allocator's peak during the phase, vLLM's weights and KV cache included) and
+    ``mem/<phase>_device_gib`` (the device's used memory at the end of the phase, every allocator)."""
 
     def __init__(self):
         self._times = defaultdict(float)
+        self._memory = {}
 
     @contextlib.contextmanager
     def __call__(self, name: str):
-        if runtime.has_cuda():
+        cuda = runtime.has_cuda()
+        if cuda:
             torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
         try:
             yield
         finally:
-            if runtime.has_cuda():
+            if cuda:
                 torch.cuda.synchronize()
             self._times[name] += time.perf_counter() - start
+            if cuda:
+                free, total = torch.cuda.mem_get_info()
+                peak = torch.cuda.max_memory_allocated() / 2**30
+                self._memory[f"mem/{name}_peak_gib"] = max(peak, self._memory.get(f"mem/{name}_peak_gib", 0.0))
+                self._memory[f"mem/{name}_device_gib"] = (total - free) / 2**30
 
     def timings(self) -> dict:
         out = {f"time/{k}": v for k, v in self._times.items()}
+        out.update(self._memory)
         self._times.clear()
+        self._memory.clear()
         return out
 
 
@@ -390,14 +404,39 @@ class HybridEngine:
     def rollout_matches_actor(self, prompts: list, max_new_tokens: int) -> float:
         """Fraction of ``prompts`` on which the rollout engine's greedy continuation equals the
         actor's own (transformers ``generate`` on the DeepSpeed module)."""
+        return self.rollout_sync_check(prompts, max_new_tokens)["debug/rollout_greedy_match"]
+
+    @torch.no_grad()
+    def rollout_sync_check(self, prompts: list, max_new_tokens: int) -> dict:
+        """Debug metrics of the weight push (every rank must call it):
+
+        - ``debug/rollout_greedy_match``: fraction of prompts whose vLLM greedy continuation equals
+          the actor's own (transformers ``generate`` on the DeepSpeed module);
+        - ``debug/rollout_greedy_logprob_gap``: the vLLM greedy tokens teacher-forced through the
+          actor, ``max_t (max_v log p(v) - log p(token_t))`` over the response positions. vLLM took
+          the argmax of its own logits at every position, so with the actor's weights this is 0 up
+          to kernel rounding (fp32 ~1e-6; bf16 ~1e-2, where a near tie can flip a greedy token and
+          the match fall below 1 with a correct push); stale or wrong weights give a large gap.
+        """
         if self.backend != "vllm":
-            return 1.0
+            return {"debug/rollout_greedy_match": 1.0, "debug/rollout_greedy_logprob_gap": 0.0}
         self.sync_rollout_weights()
         rollout = self.rollout.generate(prompts, n=1, temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens,
                                         seed=0, greedy=True)
         actor = self.actor_generator().generate(prompts, n=1, temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens,
-                                   seed=0, greedy=True)
-        return sum(a[0] == b[0] for a, b in zip(rollout, actor)) / max(1, len(prompts))
+                                                seed=0, greedy=True)
+        match = sum(a[0] == b[0] for a, b in zip(rollout, actor)) / max(1, len(prompts))
+        batch = SequenceBatch.build(prompts, [r[0] for r in rollout], self.pad_token_id)
+        gap = 0.0
+        mb = max(1, self.cfg.actor.micro_batch_size)
+        for start in range(0, len(batch), mb):  # the same number of forwards on every rank (ZeRO-3)
+            part = batch.slice(start, start + mb).to(self.device)
+            logits = self.actor(input_ids=part.input_ids, attention_mask=part.attention_mask).logits[:, :-1].float()
+            log_probs = torch.log_softmax(logits, dim=-1)
+            picked = log_probs.gather(-1, part.input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+            gaps = (log_probs.max(dim=-1).values - picked) * part.target_mask
+            gap = max(gap, float(gaps.max()) if gaps.numel() else 0.0)
+        return {"debug/rollout_greedy_match": match, "debug/rollout_greedy_logprob_gap": gap}
 
     def eval_mode(self):
         for engine in (self.actor, self.critic):
