@@ -28,13 +28,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import common  # noqa: E402
 
-VARIANTS = {
-    # name: (train mode + gradient checkpointing, logprob_chunk_tokens)
-    "before: eval, no checkpointing, plain log-probs": (False, 0),
-    "train mode + checkpointing only": (True, 0),
-    "chunked log-probs only": (False, 1024),
-    "after: train + checkpointing + chunked": (True, 1024),
-}
+def _default_chunk() -> int:
+    from gadchat.config import ActorConfig
+
+    return ActorConfig().logprob_chunk_tokens
+
+
+def variants(extra_chunks=()) -> dict:
+    """name -> (train mode + gradient checkpointing, logprob_chunk_tokens)."""
+    chunk = _default_chunk()
+    out = {
+        "before: eval, no checkpointing, plain log-probs": (False, 0),
+        "train mode + checkpointing only": (True, 0),
+        f"chunked log-probs only (chunk {chunk})": (False, chunk),
+        f"after: train + checkpointing + chunked (chunk {chunk})": (True, chunk),
+    }
+    for other in extra_chunks:
+        if other != chunk:
+            out[f"after, chunk {other}"] = (True, other)
+    return out
+
 QWEN25_SHAPE = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=2,
                     num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True)
 
@@ -85,9 +98,12 @@ def main(argv=None) -> None:
     parser.add_argument("--shapes", default="1x2048,2x2048", help="micro-batches BxT, comma-separated")
     parser.add_argument("--response-tokens", type=int, default=1536, help="response positions per row (the rest prompt)")
     parser.add_argument("--skip-baseline", default="", help="shapes (BxT) whose plain-path variants are not run")
+    parser.add_argument("--extra-chunks", default="", help="more chunk sizes to run the 'after' variant with")
     parser.add_argument("--no-save", dest="save", action="store_false", help="print only, leave RESULTS.md alone")
     parser.add_argument("--child", default="", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    extra = [int(c) for c in args.extra_chunks.split(",") if c]
+    VARIANTS = variants(extra)
     if args.child:
         name, shape = args.child.split("|")
         batch, tokens = map(int, shape.split("x"))
@@ -102,7 +118,7 @@ def main(argv=None) -> None:
                 rows.append([shape, name, None, None, "not run (memory)"])
                 continue
             command = [common.MAIN_PYTHON, __file__, "--child", f"{name}|{shape}",
-                       "--response-tokens", str(args.response_tokens)]
+                       "--response-tokens", str(args.response_tokens), "--extra-chunks", args.extra_chunks]
             out = subprocess.run(command, env=common.bench_env(), capture_output=True, text=True, cwd=common.ROOT)
             lines = [line for line in out.stdout.splitlines() if line.startswith(common.PREFIX)]
             if out.returncode != 0 or not lines:
@@ -135,7 +151,7 @@ def main(argv=None) -> None:
     any_result = next(iter(measured.values()), {})
     notes.append(f"model: {any_result.get('params_m', float('nan')):.0f}M parameters, RSS of the built model "
                  f"{any_result.get('rss_before_mib', float('nan')):.0f} MiB (not counted); its gradients are counted")
-    notes.append(f"chunked = the engine's default --actor.logprob_chunk_tokens 1024 over the {args.response_tokens} "
+    notes.append(f"chunked = --actor.logprob_chunk_tokens (default {_default_chunk()}) over the {args.response_tokens} "
                  "response positions of each row; plain = --actor.logprob_chunk_tokens 0 (full [B, T, V] logits, "
                  "all positions)")
     result = {
