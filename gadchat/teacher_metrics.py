@@ -106,19 +106,20 @@ def within_group_spearman(scores: list, targets: list) -> dict:
 
     ``scores`` and ``targets`` are lists of groups (one list of ``n`` values per prompt). GRPO only
     compares samples of the same prompt, so this is the correlation that decides whether the
-    advantage points the way ``targets`` does. Returns ``mean`` (over the groups where it is
-    defined), ``positive_share`` (share of those groups with a correlation > 0) and ``groups``
-    (how many were defined; groups where either side is constant are left out).
+    advantage points the way ``targets`` does. A group where either side is constant (say, every
+    sample ended with an EOS) counts as 0: the target cannot explain any of that group's ranking.
+    Returns ``mean`` (over all groups), ``positive_share`` (share of groups with a correlation > 0)
+    and ``defined`` (share of groups where the correlation is defined); all 0 for no groups.
     """
-    values = []
+    values, defined = [], 0
     for group_scores, group_targets in zip(scores, targets, strict=True):
         rho = spearman(list(group_scores), list(group_targets))
-        if rho is not None:
-            values.append(rho)
+        defined += rho is not None
+        values.append(rho or 0.0)
     if not values:
-        return {"mean": float("nan"), "positive_share": float("nan"), "groups": 0}
+        return {"mean": 0.0, "positive_share": 0.0, "defined": 0.0}
     return {"mean": sum(values) / len(values), "positive_share": sum(v > 0 for v in values) / len(values),
-            "groups": len(values)}
+            "defined": defined / len(values)}
 
 
 def sequence_sums(token_log_probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -48,13 +48,14 @@ def test_spearman_hand_values_and_ties():
     assert tm.spearman([1, 1, 1], [1, 2, 3]) is None
 
 
-def test_within_group_spearman_skips_constant_groups():
+def test_within_group_spearman_counts_constant_groups_as_zero():
     scores = [[1, 2, 3], [3, 2, 1], [5, 5, 5]]
     targets = [[1, 2, 3], [1, 3, 2], [1, 2, 3]]
     out = tm.within_group_spearman(scores, targets)
-    assert out["groups"] == 2
-    assert out["mean"] == pytest.approx((1.0 + -0.5) / 2)
-    assert out["positive_share"] == pytest.approx(0.5)
+    assert out["defined"] == pytest.approx(2 / 3)
+    assert out["mean"] == pytest.approx((1.0 + -0.5 + 0.0) / 3)
+    assert out["positive_share"] == pytest.approx(1 / 3)
+    assert tm.within_group_spearman([], []) == {"mean": 0.0, "positive_share": 0.0, "defined": 0.0}
 
 
 def test_reward_diagnostics_on_a_hand_made_case():
@@ -70,10 +71,10 @@ def test_reward_diagnostics_on_a_hand_made_case():
                                 ended=[True, False, True, True, True, True])
     assert out["diag/reward_vs_log_ratio"] == pytest.approx((1.0 - 1.0) / 2)
     assert out["diag/reward_vs_teacher_logp"] == pytest.approx((1.0 - 1.0) / 2)
-    # group 2 alone has a length spread: reward (-1, 0, 1) vs length (1, 1, 2) -> ranks (1,2,3) vs (1.5,1.5,3)
-    assert out["diag/reward_vs_length"] == pytest.approx(tm.spearman([-1, 0, 1], [1, 1, 2]))
+    # group 2 alone has a length spread (group 1 counts 0): reward (-1, 0, 1) vs length (1, 1, 2)
+    assert out["diag/reward_vs_length"] == pytest.approx(tm.spearman([-1, 0, 1], [1, 1, 2]) / 2)
     # group 1 alone has an EOS spread: reward (1, 0, -1) vs ended (1, 0, 1)
-    assert out["diag/reward_vs_ends_in_eos"] == pytest.approx(tm.spearman([1, 0, -1], [1, 0, 1]))
+    assert out["diag/reward_vs_ends_in_eos"] == pytest.approx(tm.spearman([1, 0, -1], [1, 0, 1]) / 2)
     assert out["diag/teacher_nll"] == pytest.approx(13 / 7)
     assert out["diag/reverse_kl"] == pytest.approx(tm.reverse_kl_per_token(student, teacher, mask))
 
