@@ -254,8 +254,8 @@ def record(args, extra: list, summary: dict, arms: list, teacher_self: dict, che
     rows.append(["teacher (itself)", *[f"{teacher_self[k]:.3f}" for k, _, _ in METRICS]])
     command = "python -m applications.known_teacher " + " ".join(
         shlex.quote(a) for a in (sys.argv[1:] if len(sys.argv) > 1 else []))
-    save_result(f"9_known_teacher_{args.record}", {
-        "title": f"9. Known-teacher quality: {args.title or args.record}",
+    save_result(f"q_known_teacher_{args.record}", {
+        "title": f"Known-teacher quality: {args.title or args.record}",
         "description": "\n".join(report[:2]) + f" Plots: {', '.join('results/' + p.name for p in copied)}.",
         "table": {"columns": ["arm", *[label for _, label, _ in METRICS]], "rows": rows},
         "notes": [f"[{'x' if met else ' '}] {text}" for text, met in checks] + [f"wall time {total:.0f} s"],
@@ -299,7 +299,7 @@ def main(argv=None) -> int:
     parser.add_argument("--backend", default="auto", choices=("auto", "vllm", "hf"), help="for data and evaluation")
     parser.add_argument("--no-diagnostics", action="store_true", help="do not score rollouts under the teacher")
     parser.add_argument("--record", default="", help="also store this run as a section of benchmarks/RESULTS.md "
-                        "(benchmarks/results/9_known_teacher_NAME.json) with its plots beside it")
+                        "(benchmarks/results/q_known_teacher_NAME.json) with its plots beside it")
     parser.add_argument("--title", default="", help="the section's title with --record")
     args, extra = parser.parse_known_args(argv)
     if extra and extra[0] == "--":
