@@ -34,7 +34,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gadchat.config import DataConfig
+from gadchat.config import DataConfig, looks_like_local_path
 from gadchat.data import DataError, read_prompts, split_part
 from gadchat.generation import BACKENDS, GenerationSettings, Generator, resolve_model_path
 from gadchat.judge import (
@@ -216,7 +216,10 @@ def evaluate(argv=None) -> int:
                                     max_retries=args.judge_max_retries, backoff_base=args.judge_backoff_base)
             judge = Judge(endpoint, load_judge_template(args.judge_prompt or None),
                           args.judge_reference_max_tokens, args.judge_grade_max_tokens)
-        for _, path in models:
+        for label, path in models:
+            if looks_like_local_path(path) and not Path(path).expanduser().exists():
+                raise FileNotFoundError(f"--models {label}={path}: no such folder (a model folder, a training "
+                                        "output dir or a hub id org/name)")
             resolve_model_path(path)
     except (DataError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)

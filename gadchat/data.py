@@ -160,7 +160,7 @@ def _read_json_array(path: str) -> list:
     try:
         rows = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise DataError(path, exc.lineno, "<file>", f"invalid JSON array ({exc.msg} at line {exc.lineno}, column "
+        raise DataError(path, exc.lineno, "<file>", f"invalid JSON array ({exc.msg}: line {exc.lineno}, column "
                         f"{exc.colno}; truncated?)") from None
     if not isinstance(rows, list):
         raise DataError(path, 1, "<file>", f"expected a JSON array of rows, got {type(rows).__name__}")

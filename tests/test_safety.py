@@ -236,3 +236,11 @@ def test_free_space_check_names_the_folder_and_sizes(tmp_path):
     require_free_space(tmp_path, 1, "a small thing")
     with pytest.raises(CheckpointError, match=r"not enough free disk space for the final export in .*: about \d"):
         require_free_space(tmp_path / "final", 2**60, "the final export")
+
+
+@pytest.mark.slow
+def test_gad_stage_logs_the_models_it_starts_from(tiny_model, finished_run, tmp_path):
+    result = launch("gad", 1, short_args(tiny_model, tmp_path / "gad", "--trainer.init_from", finished_run, steps=1))
+    text = result.stdout + result.stderr
+    assert (f"stage gad starts from actor {finished_run / 'final' / 'actor'} and discriminator "
+            f"{finished_run / 'final' / 'critic'}") in text
