@@ -105,7 +105,7 @@ class ActorConfig:
     ppo_epochs: int = 1
     mini_batches: int = 1
     """Optimizer steps per batch and epoch in the GAD stage (1 = on-policy, ratio exactly 1)."""
-    logprob_chunk_tokens: int = 1024
+    logprob_chunk_tokens: int = 512
     """Log-probs and entropy from the final hidden states and the LM head, this many response tokens
     at a time (float32, each chunk recomputed in the backward), so the full [micro_batch, tokens,
     vocab] logits are never built (152k vocab: GBs per micro-batch). 0 = plain path (full logits)."""
