@@ -57,7 +57,7 @@ def build(out_dir: str) -> None:
     config = Qwen2Config(**QWEN25_05B, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                          bos_token_id=None, torch_dtype="bfloat16")
     torch.manual_seed(0)
-    with torch.device("cuda"):
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = Qwen2ForCausalLM(config).to(torch.bfloat16)
     # Random weights at transformers' init std give near-uniform logits; fine for memory and speed.
     model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id,
