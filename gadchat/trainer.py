@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import time
 from pathlib import Path
 
@@ -145,7 +146,7 @@ class StageTrainer:
             try:
                 local = self.step_fn(step, batch)
             except RuntimeError as exc:  # e.g. transformers' sampler on NaN/Inf probabilities
-                if not any(word in str(exc).lower() for word in ("nan", "inf")):
+                if not re.search(r"\b(nan|inf)\b", str(exc), re.IGNORECASE):
                     raise
                 last_good = checkpoint.latest_checkpoint(self.output_dir)
                 raise NonFiniteError(
