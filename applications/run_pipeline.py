@@ -106,9 +106,9 @@ def eval_plan(args, extra: list) -> tuple:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--model", default="builtin:tiny", help="student: hub id or local folder (default: tiny CPU student)")
-    parser.add_argument("--deployment", default="cpu", choices=DEPLOYMENTS)
-    parser.add_argument("--output-dir", default="outputs/pipeline")
+    parser.add_argument("--model", default="builtin:tiny", help="student: hub id or local folder (builtin:tiny = CPU toy)")
+    parser.add_argument("--deployment", default="cpu", choices=DEPLOYMENTS, help="launcher scripts to use")
+    parser.add_argument("--output-dir", default="outputs/pipeline", help="one folder per stage, eval/, the table")
     parser.add_argument("--with-seqkd", action="store_true", help="also train the SeqKD baseline for comparison")
     parser.add_argument("--num-procs", type=int, default=2, help="ranks on the CPU deployment")
     parser.add_argument("--eval-prompts", type=int, default=16, help="held-out prompts for ROUGE-L (0 = all)")
