@@ -164,3 +164,29 @@ def test_evaluation_metrics_of_the_teacher_against_itself(tmp_path):
     assert out["reverse_kl"] == pytest.approx(0.0, abs=1e-6)
     assert out["samples"] == 8 and 0 <= out["eos_share"] <= 1 and out["length"] <= 6
     assert math.isfinite(out["forward_nll"]) and out["forward_nll"] > 0
+
+
+def test_benchmark_summary_table_and_goal_checks():
+    """The benchmark's summary (mean and sample std over seeds), table and goal checks on made-up results."""
+    from applications.known_teacher import METRICS, goal_checks, summarise, table
+
+    def result(rkl, nll, fwd):
+        row = {key: 1.0 for key, _, _ in METRICS}
+        row.update(reverse_kl=rkl, teacher_nll=nll, forward_nll=fwd)
+        return row
+
+    per_seed = {
+        1: {"start": result(0.9, 7.0, 6.0), "seqkd": result(0.6, 6.0, 5.0), "gad": result(0.4, 5.5, 5.2),
+            "gad_frozen": result(2.0, 8.0, 7.0)},
+        2: {"start": result(0.9, 7.0, 6.0), "seqkd": result(0.62, 6.1, 5.0), "gad": result(0.42, 5.6, 5.2),
+            "gad_frozen": result(2.2, 8.0, 7.0)},
+    }
+    arms = ["start", "seqkd", "gad", "gad_frozen"]
+    summary = summarise(per_seed, arms)
+    mean, std, values = summary["seqkd"]["reverse_kl"]
+    assert mean == pytest.approx(0.61) and std == pytest.approx(0.0141421, rel=1e-4) and values == [0.6, 0.62]
+    assert len(goal_checks(summary)) == 5 and all(met for _, met in goal_checks(summary))
+    assert "0.610 ± 0.014" in table(summary, arms, None)
+    per_seed[2]["gad"] = result(0.7, 6.5, 5.9)  # one bad seed: spread too wide, forward NLL > 5% worse
+    failed = [text for text, met in goal_checks(summarise(per_seed, arms)) if not met]
+    assert len(failed) == 3 and any("forward NLL" in text for text in failed)
