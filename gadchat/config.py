@@ -173,6 +173,11 @@ class TrainerConfig:
     the discriminator's reward follows (``diag/...``: correlation with the teacher's likelihood and
     with ``log p_T - log p_S``, length, EOS; teacher NLL and reverse KL of the rollouts). Never
     enters a loss; a full copy per rank. Empty = off."""
+    oracle_reward: bool = False
+    """GAD stage, diagnostic upper bound only (white-box, not GAD): replace the discriminator's reward
+    by the teacher's sequence log-ratio ``log p_T(y|x) - log p_S(y|x)`` computed with
+    ``--trainer.diagnostics_teacher`` (the Bayes-optimal discriminator; GRPO on it minimises the
+    reverse KL). Shows what the policy-gradient stage reaches when the reward points at the teacher."""
     verify_rollout_sync: bool = False
     """After each weight push, check that vLLM's greedy output equals the actor's own (slow; a debug aid)."""
     export_hf: bool = True
@@ -257,6 +262,8 @@ def value_problems(cfg: "GADConfig") -> list:
     choice("trainer.stage", t.stage, STAGES)
     choice("rollout.backend", r.backend, ("auto", "vllm", "hf"))
     choice("critic.pooling", c.pooling, ("last", "sum", "mean"))
+    need(not t.oracle_reward or bool(t.diagnostics_teacher), "trainer.oracle_reward",
+         "false unless --trainer.diagnostics_teacher names the teacher whose log-ratio is the reward", t.oracle_reward)
     choice("data.overlong", d.overlong, ("skip", "error"))
     choice("deepspeed.zero_stage", cfg.deepspeed.zero_stage, (0, 1, 2, 3))
     choice("model.dtype", cfg.model.dtype, DTYPES)
@@ -327,7 +334,8 @@ def looks_like_local_path(text: str) -> bool:
 def path_problems(cfg: "GADConfig") -> list:
     problems = []
     for flag, value in (("model.actor_path", cfg.model.actor_path), ("model.critic_path", cfg.model.critic_path),
-                        ("model.tokenizer_path", cfg.model.tokenizer_path)):
+                        ("model.tokenizer_path", cfg.model.tokenizer_path),
+                        ("trainer.diagnostics_teacher", cfg.trainer.diagnostics_teacher)):
         if value and not value.startswith("builtin:") and looks_like_local_path(value):
             path = Path(value).expanduser()
             if not path.exists():

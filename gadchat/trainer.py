@@ -256,6 +256,15 @@ class StageTrainer:
             actor = self.engine.log_probs_no_grad(self.engine.actor, student, self.cfg.actor.micro_batch_size)
             return self.teacher_probe.step_metrics(rewards, student, actor, samples, self.engine.eos_ids)
 
+    def oracle_rewards(self, student: SequenceBatch, shape) -> torch.Tensor:
+        """``log p_T(y|x) - log p_S(y|x)`` per sample under ``--trainer.diagnostics_teacher`` and the
+        sampling policy, shaped like the discriminator's rewards (``--trainer.oracle_reward``)."""
+        with self.engine.timer("diagnostics"):
+            actor = self.engine.log_probs_no_grad(self.engine.actor, student, self.cfg.actor.micro_batch_size)
+            teacher = self.teacher_probe.log_probs(student)
+        mask = student.target_mask
+        return ((teacher - actor[:, : teacher.shape[1]]) * mask).sum(-1).view(shape)
+
     def rollout_seed(self, step: int) -> int:
         return rollout_seed(self.cfg.trainer.seed, self.cfg.trainer.stage, step, self.rank)
 
@@ -406,6 +415,9 @@ class StageTrainer:
         advantages = grpo_advantages(rewards).reshape(-1)
         metrics.update(_response_length_stats(samples))
         metrics.update(self.reward_diagnostics(rewards, student, samples))
+        if self.cfg.trainer.oracle_reward:  # white-box upper bound (not GAD): the Bayes-optimal reward
+            rewards = self.oracle_rewards(student, rewards.shape)
+            advantages = grpo_advantages(rewards).reshape(-1)
         reward, advantage = runtime.global_stats(rewards), runtime.global_stats(advantages)  # pooled over ranks
         metrics.update({"reward/mean": reward["mean"], "reward/std": reward["std"],
                         "advantage/mean": advantage["mean"], "advantage/std": advantage["std"],

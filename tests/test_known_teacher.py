@@ -190,3 +190,27 @@ def test_benchmark_summary_table_and_goal_checks():
     per_seed[2]["gad"] = result(0.7, 6.5, 5.9)  # one bad seed: spread too wide, forward NLL > 5% worse
     failed = [text for text, met in goal_checks(summarise(per_seed, arms)) if not met]
     assert len(failed) == 3 and any("forward NLL" in text for text in failed)
+
+
+def test_oracle_reward_and_pooling_flags_are_validated():
+    from gadchat.config import GADConfig
+
+    cfg = GADConfig()
+    cfg.trainer.oracle_reward = True
+    with pytest.raises(ValueError, match="trainer.oracle_reward"):
+        cfg.validate()
+    cfg.trainer.diagnostics_teacher = "builtin:kt-teacher"
+    cfg.validate()
+    cfg.critic.pooling = "max"
+    with pytest.raises(ValueError, match="critic.pooling"):
+        cfg.validate()
+
+
+def test_missing_diagnostics_teacher_is_refused_up_front(tmp_path):
+    from gadchat.config import GADConfig
+
+    cfg = GADConfig()
+    cfg.trainer.output_dir = str(tmp_path / "run")
+    cfg.trainer.diagnostics_teacher = str(tmp_path / "no-such-teacher")
+    with pytest.raises(ValueError, match="trainer.diagnostics_teacher .*no such folder"):
+        cfg.validate()
