@@ -213,4 +213,4 @@ def test_missing_diagnostics_teacher_is_refused_up_front(tmp_path):
     cfg.trainer.output_dir = str(tmp_path / "run")
     cfg.trainer.diagnostics_teacher = str(tmp_path / "no-such-teacher")
     with pytest.raises(ValueError, match="trainer.diagnostics_teacher .*no such folder"):
-        cfg.validate()
+        cfg.check_paths()
