@@ -287,7 +287,7 @@ def value_problems(cfg: "GADConfig") -> list:
     trains_critic = t.stage != "seqkd" and not (t.stage == "gad" and c.freeze)
     for name, section, trained in (("actor", a, True), ("critic", c, trains_critic)):
         if trained:
-            number(f"{name}.lr", section.lr, 0, low_open=True)
+            number(f"{name}.lr", section.lr, 0)  # 0 = weights held (hand-off probes); negative is refused
         number(f"{name}.weight_decay", section.weight_decay, 0)
         number(f"{name}.grad_clip", section.grad_clip, 0)
         try:
