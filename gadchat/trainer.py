@@ -253,14 +253,21 @@ class StageTrainer:
         if self.teacher_probe is None:
             return {}
         with self.engine.timer("diagnostics"):
-            actor = self.engine.log_probs_no_grad(self.engine.actor, student, self.cfg.actor.micro_batch_size)
+            actor = self.sampling_log_probs(student)
             return self.teacher_probe.step_metrics(rewards, student, actor, samples, self.engine.eos_ids)
+
+    def sampling_log_probs(self, student: SequenceBatch) -> torch.Tensor:
+        """Log-probs of the samples under the distribution they were drawn from (the actor's logits
+        over the rollout temperature), whatever ``actor.temperature_scaled_logprobs`` says."""
+        t = self.cfg.rollout.temperature
+        return self.engine.log_probs_no_grad(self.engine.actor, student, self.cfg.actor.micro_batch_size,
+                                             temperature=t if t > 0 else 1.0)
 
     def oracle_rewards(self, student: SequenceBatch, shape) -> torch.Tensor:
         """``log p_T(y|x) - log p_S(y|x)`` per sample under ``--trainer.diagnostics_teacher`` and the
         sampling policy, shaped like the discriminator's rewards (``--trainer.oracle_reward``)."""
         with self.engine.timer("diagnostics"):
-            actor = self.engine.log_probs_no_grad(self.engine.actor, student, self.cfg.actor.micro_batch_size)
+            actor = self.sampling_log_probs(student)
             teacher = self.teacher_probe.log_probs(student)
         mask = student.target_mask
         return ((teacher - actor[:, : teacher.shape[1]]) * mask).sum(-1).view(shape)
