@@ -205,7 +205,14 @@ def ensure_lm(name: str, folder: Path, log=print) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     if log:
         log(f"[known-teacher] building {name} into {folder} (once; cached)")
-    build_lm(tmp, RECIPES[name], log=log)
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)  # one process: every core (the stages run one thread per rank)
+    try:
+        build_lm(tmp, RECIPES[name], log=log)
+    finally:
+        torch.set_num_threads(threads)
     try:
         os.replace(tmp, folder)
     except OSError:  # another process finished first
