@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from gadchat.cli import bounded
 from gadchat.data import DataError
 from gadchat.teacher_api import (
     AuthenticationError,
@@ -30,17 +31,6 @@ from gadchat.teacher_api import (
     prompt_token_counter,
     sidecar_paths,
 )
-
-
-def bounded(kind, low, strict=False):
-    """An argparse type: ``kind`` values >= low (> low when ``strict``), refused naming the bound."""
-    def parse(text):
-        value = kind(text)
-        if value < low or (strict and value == low):
-            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {low}, got {text}")
-        return value
-    parse.__name__ = kind.__name__
-    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:

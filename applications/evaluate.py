@@ -34,6 +34,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gadchat.cli import bounded
 from gadchat.config import DataConfig, looks_like_local_path
 from gadchat.data import DataError, read_prompts, split_part
 from gadchat.generation import BACKENDS, GenerationSettings, Generator, resolve_model_path
@@ -95,17 +96,6 @@ def parse_eval_sets(specs: list) -> list[EvalSet]:
     if len(set(names)) != len(names):
         raise ValueError(f"eval set names must be unique, got {names}: name them with NAME=FILE")
     return sets
-
-
-def bounded(kind, low, strict=False):
-    """An argparse type: ``kind`` values >= low (> low when ``strict``), refused naming the bound."""
-    def parse(text):
-        value = kind(text)
-        if value < low or (strict and value == low):
-            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {low}, got {text}")
-        return value
-    parse.__name__ = kind.__name__
-    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:

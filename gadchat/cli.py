@@ -1,10 +1,22 @@
-"""Entry point shared by the step folders: parse the configuration and run one stage."""
+"""Entry points shared by the step folders (parse the configuration, run one stage) and the tools' argparse helpers."""
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 from gadchat import runtime
+
+
+def bounded(kind, low, strict=False):
+    """An argparse type: ``kind`` values >= low (> low when ``strict``), refused naming the bound."""
+    def parse(text):
+        value = kind(text)
+        if value < low or (strict and value == low):
+            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {low}, got {text}")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
 
 
 def run_stage(stage: str, argv=None) -> dict:
