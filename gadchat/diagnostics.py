@@ -40,13 +40,13 @@ class TeacherProbe:
             out[start : start + len(part), : values.shape[1]] = values.float().cpu()
         return out
 
-    def step_metrics(self, rewards: torch.Tensor, student_batch, actor_log_probs: torch.Tensor, samples: list,
-                     eos_ids) -> dict:
+    @staticmethod
+    def step_metrics(rewards: torch.Tensor, mask: torch.Tensor, teacher_log_probs: torch.Tensor,
+                     actor_log_probs: torch.Tensor, samples: list, eos_ids) -> dict:
         """``diag/...`` metrics of one step's rollouts (``samples``: groups of token-id lists,
-        ``rewards``: ``[groups, n]``, ``actor_log_probs``: the sampling policy's ``[B, T-1]``)."""
+        ``rewards``: ``[groups, n]``; ``mask`` and both log-prob tensors ``[B, T-1]``, the actor's
+        those of the sampling policy)."""
         eos = set(eos_ids)
         flat = [s for group in samples for s in group]
-        teacher = self.log_probs(student_batch)
-        mask = student_batch.target_mask
-        return reward_diagnostics(rewards.float().cpu(), teacher, actor_log_probs[:, : teacher.shape[1]], mask,
+        return reward_diagnostics(rewards.float().cpu(), teacher_log_probs, actor_log_probs, mask,
                                   [len(s) for s in flat], [bool(s) and s[-1] in eos for s in flat])

@@ -30,6 +30,7 @@ from gadchat.engine import HybridEngine, SequenceBatch
 from gadchat.losses import (bradley_terry_loss, discriminator_metrics, grpo_advantages, kl_loss, masked_mean,
                             ppo_clip_loss, sft_loss)
 from gadchat.metrics_log import MetricsLogger, nonfinite_metrics
+from gadchat.teacher_metrics import sequence_sums
 
 logger = logging.getLogger("gadchat")
 
@@ -248,29 +249,26 @@ class StageTrainer:
             out["digest/ref"] = self.engine.param_digest(self.engine.ref)
         return out
 
-    def reward_diagnostics(self, rewards: torch.Tensor, student: SequenceBatch, samples: list) -> dict:
-        """``diag/...`` metrics against ``--trainer.diagnostics_teacher`` (empty when it is not set)."""
+    def teacher_view(self, student: SequenceBatch):
+        """``(teacher, actor)`` log-probs ``[B, T-1]`` of the rollouts under
+        ``--trainer.diagnostics_teacher`` and under the distribution they were drawn from (the
+        actor's logits over the rollout temperature, whatever ``actor.temperature_scaled_logprobs``
+        says); ``None`` when no teacher is named. Computed once per step for the diagnostics and
+        the oracle reward."""
         if self.teacher_probe is None:
-            return {}
-        with self.engine.timer("diagnostics"):
-            actor = self.sampling_log_probs(student)
-            return self.teacher_probe.step_metrics(rewards, student, actor, samples, self.engine.eos_ids)
-
-    def sampling_log_probs(self, student: SequenceBatch) -> torch.Tensor:
-        """Log-probs of the samples under the distribution they were drawn from (the actor's logits
-        over the rollout temperature), whatever ``actor.temperature_scaled_logprobs`` says."""
+            return None
         t = self.cfg.rollout.temperature
-        return self.engine.log_probs_no_grad(self.engine.actor, student, self.cfg.actor.micro_batch_size,
-                                             temperature=t if t > 0 else 1.0)
-
-    def oracle_rewards(self, student: SequenceBatch, shape) -> torch.Tensor:
-        """``log p_T(y|x) - log p_S(y|x)`` per sample under ``--trainer.diagnostics_teacher`` and the
-        sampling policy, shaped like the discriminator's rewards (``--trainer.oracle_reward``)."""
         with self.engine.timer("diagnostics"):
-            actor = self.sampling_log_probs(student)
+            actor = self.engine.log_probs_no_grad(self.engine.actor, student, self.cfg.actor.micro_batch_size,
+                                                  temperature=t if t > 0 else 1.0)
             teacher = self.teacher_probe.log_probs(student)
-        mask = student.target_mask
-        return ((teacher - actor[:, : teacher.shape[1]]) * mask).sum(-1).view(shape)
+        return teacher, actor[:, : teacher.shape[1]]
+
+    def reward_diagnostics(self, rewards: torch.Tensor, student: SequenceBatch, samples: list, view) -> dict:
+        """``diag/...`` metrics from :meth:`teacher_view`'s ``view`` (empty when it is ``None``)."""
+        if view is None:
+            return {}
+        return self.teacher_probe.step_metrics(rewards, student.target_mask, *view, samples, self.engine.eos_ids)
 
     def rollout_seed(self, step: int) -> int:
         return rollout_seed(self.cfg.trainer.seed, self.cfg.trainer.stage, step, self.rank)
@@ -391,7 +389,7 @@ class StageTrainer:
         samples, student = self.rollout(step, batch)
         metrics, scores = self.update_discriminator(teacher, student)
         metrics.update(_response_length_stats(samples))
-        metrics.update(self.reward_diagnostics(scores, student, samples))
+        metrics.update(self.reward_diagnostics(scores, student, samples, self.teacher_view(student)))
         metrics["actor/updated"] = float(step >= self.cfg.trainer.critic_warmup)
         if step >= self.cfg.trainer.critic_warmup:
             sft_steps = self.sft_micro_steps(teacher)
@@ -419,12 +417,13 @@ class StageTrainer:
             metrics, rewards = self.update_discriminator(teacher, student)
         else:
             metrics, rewards = self.score_students(teacher, student)
-        advantages = grpo_advantages(rewards).reshape(-1)
         metrics.update(_response_length_stats(samples))
-        metrics.update(self.reward_diagnostics(rewards, student, samples))
+        view = self.teacher_view(student)
+        metrics.update(self.reward_diagnostics(rewards, student, samples, view))
         if self.cfg.trainer.oracle_reward:  # white-box upper bound (not GAD): the Bayes-optimal reward
-            rewards = self.oracle_rewards(student, rewards.shape)
-            advantages = grpo_advantages(rewards).reshape(-1)
+            teacher_lp, actor_lp = view  # log p_T(y|x) - log p_S(y|x) per sample
+            rewards = sequence_sums(teacher_lp - actor_lp, student.target_mask).view(rewards.shape)
+        advantages = grpo_advantages(rewards).reshape(-1)
         reward, advantage = runtime.global_stats(rewards), runtime.global_stats(advantages)  # pooled over ranks
         metrics.update({"reward/mean": reward["mean"], "reward/std": reward["std"],
                         "advantage/mean": advantage["mean"], "advantage/std": advantage["std"],

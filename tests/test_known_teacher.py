@@ -214,3 +214,26 @@ def test_missing_diagnostics_teacher_is_refused_up_front(tmp_path):
     cfg.trainer.diagnostics_teacher = str(tmp_path / "no-such-teacher")
     with pytest.raises(ValueError, match="trainer.diagnostics_teacher .*no such folder"):
         cfg.check_paths()
+
+
+@pytest.mark.slow
+def test_gad_stage_logs_diagnostics_and_takes_the_oracle_reward(tiny_model, tmp_path):
+    """A real GAD stage (1 rank, ZeRO-3, HF rollouts) whose diagnostics teacher *is* the student it
+    starts from, sampling at T = 1: at step 1 the rollouts' reverse KL to that teacher is 0 and the
+    oracle reward (the sequence log-ratio) is 0 for every sample; every diag/ key is logged and finite."""
+    from tests.conftest import launch, read_metrics, tiny_args
+
+    out = tmp_path / "gad"
+    launch("gad", 1, tiny_args(tiny_model, out, "--rollout.backend", "hf", "--rollout.temperature", "1.0",
+                               "--trainer.max_steps", 2, "--trainer.diagnostics_teacher", tiny_model,
+                               "--trainer.oracle_reward", "true"))
+    rows = [r for r in read_metrics(out) if r.get("step", 0) > 0]
+    assert len(rows) == 2
+    keys = {"diag/teacher_nll", "diag/reverse_kl", "diag/reward_vs_log_ratio", "diag/reward_vs_teacher_logp",
+            "diag/reward_vs_length", "diag/reward_vs_ends_in_eos", "time/diagnostics"}
+    for row in rows:
+        assert keys <= set(row) and all(math.isfinite(row[k]) for k in keys)
+        assert all(-1 <= row[k] <= 1 for k in keys if k.startswith("diag/reward_vs"))
+    first = rows[0]
+    assert abs(first["diag/reverse_kl"]) < 1e-4 and first["diag/teacher_nll"] > 1
+    assert abs(first["reward/mean"]) < 1e-3 and first["reward/std"] < 1e-3  # log p_T - log p_S = 0
