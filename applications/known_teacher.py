@@ -8,7 +8,7 @@ optimizer steps (``seqkd`` steps = warm-up actor steps + GAD steps):
 
 - ``start``: the untrained student;
 - ``seqkd``: SFT on the teacher's answers;
-- ``warmup``: GAD warm-up (discriminator only for ``critic_warmup`` steps, then SFT + discriminator);
+- ``warmup``: GAD warm-up (discriminator only for ``discriminator_warmup`` steps, then SFT + discriminator);
 - ``gad``: the warm-up followed by the GAD stage;
 - ``gad_frozen``: the same with the discriminator frozen (the reward-hacking ablation).
 
@@ -51,7 +51,7 @@ METRICS = [  # (key, label, lower is better)
     ("distinct_2", "distinct-2", None),
     ("rouge_l", "ROUGE-L (greedy)", False),
 ]
-CURVES = ["reward/mean", "critic/d_acc", "response_length/mean", "actor/kl", "diag/reward_vs_log_ratio",
+CURVES = ["reward/mean", "discriminator/d_acc", "response_length/mean", "actor/kl", "diag/reward_vs_log_ratio",
           "diag/reward_vs_teacher_logp", "diag/reward_vs_length", "diag/reverse_kl"]
 
 
@@ -83,9 +83,9 @@ def prepare(backend: str) -> dict:
 
 def stage_plan(arm: str, args) -> list:
     """``(stage, run folder name, init_from run name or None, extra flags)`` for one arm."""
-    warm_actor_steps = args.warmup_steps - args.critic_warmup
+    warm_actor_steps = args.warmup_steps - args.discriminator_warmup
     warmup = ("warmup", "warmup", None, ["--trainer.max_steps", args.warmup_steps,
-                                         "--trainer.critic_warmup", args.critic_warmup])
+                                         "--trainer.discriminator_warmup", args.discriminator_warmup])
     gad_flags = ["--trainer.max_steps", args.gad_steps, *shlex.split(args.gad_flags)]
     suffix = f"_{args.variant}" if args.variant else ""
     if arm == "seqkd":
@@ -95,7 +95,7 @@ def stage_plan(arm: str, args) -> list:
     if arm == "gad":
         return [warmup, ("gad", "gad" + suffix, "warmup", gad_flags)]
     if arm == "gad_frozen":
-        return [warmup, ("gad", "gad_frozen" + suffix, "warmup", gad_flags + ["--critic.freeze", "true"])]
+        return [warmup, ("gad", "gad_frozen" + suffix, "warmup", gad_flags + ["--discriminator.freeze", "true"])]
     raise ValueError(arm)
 
 
@@ -291,7 +291,7 @@ def main(argv=None) -> int:
     parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {','.join(ARMS)}")
     parser.add_argument("--output-dir", default="outputs/known_teacher")
     parser.add_argument("--warmup-steps", type=int, default=40)
-    parser.add_argument("--critic-warmup", type=int, default=10)
+    parser.add_argument("--discriminator-warmup", type=int, default=10)
     parser.add_argument("--gad-steps", type=int, default=30)
     parser.add_argument("--gad-flags", default=DEFAULT_GAD_FLAGS, help="extra flags for the GAD stages only, as one "
                         "string (default: the GAD actor learning rate found best in the search, benchmarks/RESULTS.md)")
@@ -312,8 +312,8 @@ def main(argv=None) -> int:
     unknown = sorted(set(arms) - set(ARMS))
     if unknown:
         parser.error(f"--arms: unknown {', '.join(unknown)} (known: {', '.join(ARMS)})")
-    if args.warmup_steps <= args.critic_warmup:
-        parser.error("--warmup-steps must exceed --critic-warmup (the warm-up must update the actor)")
+    if args.warmup_steps <= args.discriminator_warmup:
+        parser.error("--warmup-steps must exceed --discriminator-warmup (the warm-up must update the actor)")
     out = Path(args.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -343,8 +343,8 @@ def main(argv=None) -> int:
     report = [
         f"Seeds {args.seeds}; {len(heldout.messages)} held-out prompts x {args.eval_samples} samples (T = 1, "
         f"<= {TEACHER_MAX_NEW_TOKENS} tokens) + 1 greedy answer each. Warm-up {args.warmup_steps} steps "
-        f"(critic_warmup {args.critic_warmup}), GAD {args.gad_steps} steps, SeqKD "
-        f"{args.warmup_steps - args.critic_warmup + args.gad_steps} steps (equal actor updates).",
+        f"(discriminator_warmup {args.discriminator_warmup}), GAD {args.gad_steps} steps, SeqKD "
+        f"{args.warmup_steps - args.discriminator_warmup + args.gad_steps} steps (equal actor updates).",
         f"Stage flags: {' '.join(map(str, extra)) or '(recipe only)'}; GAD flags: {args.gad_flags or '(none)'}.",
         "", table(summary, arms, teacher_self), "",
         *[f"- [{'x' if met else ' '}] {text}" for text, met in checks], "",

@@ -167,7 +167,7 @@ def main(argv=None) -> int:
     for stage in stages:
         rows = [r for r in read_rows(out / stage) if r.get("step", 0) > 0]
         lines.append(
-            f"| {stage} | {rows[-1]['step'] if rows else 0} | {fmt(last_mean(rows, 'critic/d_acc'))} | "
+            f"| {stage} | {rows[-1]['step'] if rows else 0} | {fmt(last_mean(rows, 'discriminator/d_acc'))} | "
             f"{fmt(last_mean(rows, 'reward/mean'))} | {fmt(last_mean(rows, 'response_length/mean'), 1)} | "
             f"{fmt(heldout[stage]['rouge_l'], 2)} | {wall[stage]:.0f} |")
     table = "\n".join(lines)
@@ -177,7 +177,7 @@ def main(argv=None) -> int:
                f"(evaluation {wall['eval']:.0f} s). Model: {args.model}; deployment: {args.deployment}.\n")
     (out / "pipeline_results.md").write_text(summary)
     print("\n" + summary)
-    print(f"[pipeline] outputs in {out}: one folder per stage (final/actor, final/critic, checkpoints/, metrics.jsonl), "
+    print(f"[pipeline] outputs in {out}: one folder per stage (final/actor, final/discriminator, checkpoints/, metrics.jsonl), "
           f"eval/, pipeline_results.md")
     return 0
 

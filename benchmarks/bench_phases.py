@@ -4,7 +4,7 @@ Runs the real entry points (``training/step2_warmup/main.py``, ``training/step3_
 ``configs/cpu_tiny.yaml`` as subprocesses, reads their ``metrics.jsonl`` ``time/*`` keys, drops the
 first step (warm-up of caches and allocator), and reports medians per phase, the unattributed rest
 ("other" = step - sum of phases), tokens/s, the weight-sync share, and each run's peak RSS
-(``os.wait4`` rusage of the child). The warm-up stage runs with ``--trainer.critic_warmup 1`` so
+(``os.wait4`` rusage of the child). The warm-up stage runs with ``--trainer.discriminator_warmup 1`` so
 every measured step includes the gated actor update.
 
     python benchmarks/bench_phases.py [--steps 7] [--zero-stage 3]
@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-PHASES = ["generate", "score", "critic_update", "ref_log_probs", "actor_update", "weight_sync"]
+PHASES = ["generate", "score", "discriminator_update", "ref_log_probs", "actor_update", "weight_sync"]
 
 
 def run_stage(stage: str, steps: int, out: Path, extra: list) -> tuple[list, float, float]:
@@ -33,7 +33,7 @@ def run_stage(stage: str, steps: int, out: Path, extra: list) -> tuple[list, flo
             "--trainer.max_steps", str(steps), "--trainer.tensorboard", "false", "--trainer.progress_bar", "false",
             "--trainer.export_hf", "false", "--trainer.resume", "none"] + extra
     if stage == "warmup":
-        argv += ["--trainer.critic_warmup", "1"]
+        argv += ["--trainer.discriminator_warmup", "1"]
     log = open(out.parent / f"{stage}.log", "w")
     started = time.perf_counter()
     proc = subprocess.Popen(argv, cwd=common.ROOT, env=common.bench_env(), stdout=log, stderr=subprocess.STDOUT)
@@ -85,8 +85,8 @@ def main(argv=None):
         f"stage {args.zero_stage if args.zero_stage is not None else 3}, vLLM rollout), {args.steps} steps per "
         f"stage, first dropped, median of {g['steps_measured']}. Phases are the trainer's `time/*` metrics: in the GAD "
         "step the discriminator's pre-update forward pass *is* the scoring (one pass), so `score` is 0 and its "
-        "cost sits in `critic_update`. `other` = step - sum(phases): batch building, GRPO advantages, metrics. "
-        "Warm-up runs with `--trainer.critic_warmup 1` so every counted step includes the actor SFT(+KL) update. "
+        "cost sits in `discriminator_update`. `other` = step - sum(phases): batch building, GRPO advantages, metrics. "
+        "Warm-up runs with `--trainer.discriminator_warmup 1` so every counted step includes the actor SFT(+KL) update. "
         "Peak RSS is the whole process (vLLM, three DeepSpeed engines, Python).")
     common.save_result("1_phases", {
         "title": "1. Phase breakdown, CPU default",

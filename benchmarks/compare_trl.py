@@ -148,7 +148,7 @@ def main(argv=None):
     rows = []
     for name, s in summary.items():
         ph = s["phases"]
-        rows.append([labels[name], s["median_step_s"], s["steps"], ph.get("generate"), ph.get("critic_update", ph.get("score")),
+        rows.append([labels[name], s["median_step_s"], s["steps"], ph.get("generate"), ph.get("discriminator_update", ph.get("score")),
                      ph.get("ref_log_probs"), ph.get("actor_update"), ph.get("weight_sync"),
                      (ours / s["median_step_s"]) if ours else None, s["mean_response_length"], s["peak_rss_mib"]])
     for name, why in failed.items():
@@ -177,9 +177,9 @@ def main(argv=None):
                         "one optimizer step, fp32, 1 thread. Warm workers, rounds interleaved "
                         f"({args.rounds} rounds x {args.steps_per_round} steps per side after one untimed step); "
                         "step times are medians over all timed steps. Phase columns: ours from the engine's timer "
-                        "(critic_update = score + D update), the floor's own; TRL logs no phases. "
+                        "(discriminator_update = score + D update), the floor's own; TRL logs no phases. "
                         "`x ours` = median step of that row / ours' (>1 = slower than ours)."),
-        "table": {"columns": ["side", "step s", "steps", "generate s", "score / critic s", "ref logp s",
+        "table": {"columns": ["side", "step s", "steps", "generate s", "score / discriminator s", "ref logp s",
                               "actor update s", "weight sync s", "ours speedup vs row", "mean resp. tokens",
                               "peak RSS MiB"],
                   "rows": [[r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7],

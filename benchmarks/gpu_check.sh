@@ -27,7 +27,7 @@ FLASH=$($PY -c 'import importlib.util; print("flash_attention_2" if importlib.ut
 COMMON=(--model.actor_path "$MODEL" --model.dtype bfloat16 --model.gradient_checkpointing true
         --deepspeed.zero_stage 3 --data.max_prompt_tokens 1024 --data.max_response_tokens 1024
         --trainer.prompts_per_step 16 --rollout.n 8 --rollout.max_new_tokens 512 --rollout.temperature 0.8
-        --actor.micro_batch_size 8 --critic.micro_batch_prompts 2 --actor.lr 1e-6 --critic.lr 1e-6
+        --actor.micro_batch_size 8 --discriminator.micro_batch_prompts 2 --actor.lr 1e-6 --discriminator.lr 1e-6
         --rollout.vllm_gpu_memory_utilization 0.3 --trainer.verify_rollout_sync true
         --trainer.progress_bar false --trainer.tensorboard false --trainer.export_hf false)
 RUNS=()
@@ -46,7 +46,7 @@ run() {  # run NAME STAGE [flags...]: one stage, 1 GPU, exit code recorded, outp
 }
 
 # The warm-up exports its final actor and discriminator for the GAD runs (export on for it alone).
-run warmup_flash warmup --model.attn_implementation "$FLASH" --trainer.max_steps 2 --trainer.critic_warmup 0 \
+run warmup_flash warmup --model.attn_implementation "$FLASH" --trainer.max_steps 2 --trainer.discriminator_warmup 0 \
     --trainer.export_hf true
 INIT=(--trainer.init_from "$WORK/warmup_flash" --trainer.max_steps 3)
 run gad_flash_vllm gad --model.attn_implementation "$FLASH" "${INIT[@]}"

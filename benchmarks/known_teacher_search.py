@@ -19,9 +19,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-SHOWN = [("critic", "lr"), ("critic", "pooling"), ("critic", "freeze"), ("actor", "lr"), ("actor", "kl_coef"),
+SHOWN = [("discriminator", "lr"), ("discriminator", "pooling"), ("discriminator", "freeze"), ("actor", "lr"), ("actor", "kl_coef"),
          ("rollout", "n"), ("trainer", "prompts_per_step"), ("trainer", "max_steps"), ("trainer", "oracle_reward")]
-DIAG = ["critic/d_acc", "diag/reward_vs_log_ratio", "diag/reward_vs_length", "actor/kl", "response_length/mean"]
+DIAG = ["discriminator/d_acc", "diag/reward_vs_log_ratio", "diag/reward_vs_length", "actor/kl", "response_length/mean"]
 
 
 def settings(run: Path) -> str:

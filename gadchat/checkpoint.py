@@ -5,11 +5,11 @@ Layout of a stage's ``output_dir``::
     config.json  metrics.jsonl  tensorboard/
     checkpoints/latest                 -> name of the newest complete checkpoint (written last, atomically)
     checkpoints/step_00000040/
-        actor/  critic/                DeepSpeed engine checkpoints (weights, optimizer, ZeRO shards)
-        actor_hf/  critic_hf/          config + tokenizer, so the folder exports offline on its own
+        actor/  discriminator/                DeepSpeed engine checkpoints (weights, optimizer, ZeRO shards)
+        actor_hf/  discriminator_hf/          config + tokenizer, so the folder exports offline on its own
         rng_rank{r}.pt                 Python / NumPy / torch RNG states of every rank
         trainer_state.json             stage, step, data geometry, model signature (written last)
-    final/actor/  final/critic/        Hugging Face folders (safetensors, tokenizer, chat template)
+    final/actor/  final/discriminator/        Hugging Face folders (safetensors, tokenizer, chat template)
     final/COMPLETE                     written last: the export is whole
 
 A checkpoint is complete only once ``latest`` names it, so a kill while one is written leaves the
@@ -75,12 +75,12 @@ def handoff_paths(cfg) -> tuple:
         raise CheckpointError(
             f"trainer.init_from={cfg.trainer.init_from}: no complete export at {source} (no {source / COMPLETE}; "
             "did that stage finish with --trainer.export_hf true? rerun it to finish its export)")
-    critic = source / "critic"
-    critic_path = str(critic) if (critic / "config.json").exists() else None
-    if cfg.trainer.stage == "gad" and critic_path is None:
+    discriminator = source / "discriminator"
+    discriminator_path = str(discriminator) if (discriminator / "config.json").exists() else None
+    if cfg.trainer.stage == "gad" and discriminator_path is None:
         logger.warning("trainer.init_from=%s has no discriminator; the GAD stage starts from a fresh one",
                        cfg.trainer.init_from)
-    return str(actor), critic_path
+    return str(actor), discriminator_path
 
 
 # ----------------------------------------------------------------------------------------------
@@ -276,8 +276,8 @@ class CheckpointManager:
         is re-loaded from its source at every start, like the reference)."""
         engine = self.trainer.engine
         out = {"actor": engine.actor}
-        if engine.critic is not None and engine.critic_trainable:
-            out["critic"] = engine.critic
+        if engine.discriminator is not None and engine.discriminator_trainable:
+            out["discriminator"] = engine.discriminator
         return out
 
     def _state(self, step: int) -> dict:
@@ -330,7 +330,7 @@ class CheckpointManager:
         for name, e in self._engines().items():
             folder = step_dir / f"{name}_hf"
             folder.mkdir(exist_ok=True)
-            module = e.module.seqcls if name == "critic" else e.module
+            module = e.module.seqcls if name == "discriminator" else e.module
             module.config.save_pretrained(folder)
             if name == "actor" and getattr(module, "generation_config", None) is not None:
                 module.generation_config.save_pretrained(folder)
@@ -430,7 +430,7 @@ class CheckpointManager:
         with; this run's configuration wins (a GAD stage must not inherit the warm-up's LR)."""
         cfg = self.trainer.cfg
         for name, engine in self._engines().items():
-            section = cfg.actor if name == "actor" else cfg.critic
+            section = cfg.actor if name == "actor" else cfg.discriminator
             betas = parse_betas(section.betas)
             for group in engine.optimizer.param_groups:
                 group["lr"], group["weight_decay"] = section.lr, section.weight_decay
@@ -447,8 +447,8 @@ class CheckpointManager:
         partial = out.with_name(out.name + ".partial")
         engine = tr.engine
         modules = {"actor": engine.actor.module}
-        if engine.critic is not None:
-            modules["critic"] = engine.critic.module.seqcls
+        if engine.discriminator is not None:
+            modules["discriminator"] = engine.discriminator.module.seqcls
         with engine.timer("export"):
             needed = sum(model_signature(m)["numel"] for m in modules.values()) * torch.finfo(engine.dtype).bits // 8
             require_free_space(tr.output_dir, needed, "the final export")
@@ -538,10 +538,10 @@ def export_from_checkpoint(checkpoint_path, out_dir, which: str = "actor", dtype
     if not engine_dir.is_dir() or not (meta / "config.json").exists():
         raise CheckpointError(f"{step_dir} holds no {which} checkpoint ({engine_dir} or {meta}/config.json missing)")
     state = _consolidated_weights(step_dir, which)
-    prefix = "seqcls." if which == "critic" else ""
+    prefix = "seqcls." if which == "discriminator" else ""
     state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     config = AutoConfig.from_pretrained(meta)
-    cls = AutoModelForSequenceClassification if which == "critic" else AutoModelForCausalLM
+    cls = AutoModelForSequenceClassification if which == "discriminator" else AutoModelForCausalLM
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     with torch.device("meta"):
         model = cls.from_config(config)

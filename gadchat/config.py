@@ -1,6 +1,6 @@
 """The one configuration layer shared by every training step, application and benchmark.
 
-Typed dataclasses, one section per component (model, data, rollout, actor, critic, trainer,
+Typed dataclasses, one section per component (model, data, rollout, actor, discriminator, trainer,
 deepspeed). Every field is a command-line flag ``--section.field VALUE``; an optional YAML file
 (``--config run.yaml``, same nesting) supplies values first, flags override it. A user's own
 DeepSpeed JSON (``--deepspeed.config_file``) is accepted and completed with the batch fields the
@@ -27,7 +27,7 @@ class ModelConfig:
     actor_path: str = "builtin:tiny"
     """Student: a hub id or local folder loadable by AutoModelForCausalLM. ``builtin:tiny`` builds a
     tiny random Qwen2 with a tokenizer trained on the shipped data (CPU default)."""
-    critic_path: str = ""
+    discriminator_path: str = ""
     """Discriminator backbone; empty = initialise from the student (the paper's choice)."""
     tokenizer_path: str = ""
     """Empty = the actor's folder."""
@@ -119,8 +119,9 @@ class ActorConfig:
 
 
 @dataclass
-class CriticConfig:
-    """The discriminator (the critic of the RLHF vocabulary)."""
+class DiscriminatorConfig:
+    """The discriminator: the model DeepSpeed-Chat and verl call the critic (one name here: flags
+    ``--discriminator.*``, metrics ``discriminator/*``, checkpoint and export folders ``discriminator``)."""
 
     lr: float = 1e-6
     weight_decay: float = 0.01
@@ -148,8 +149,8 @@ class TrainerConfig:
     epochs: float = 1.0
     max_steps: int = 0
     """0 = as many steps as ``epochs`` allow."""
-    critic_warmup: int = 10
-    """Warm-up stage: the actor's SFT update runs only once step >= critic_warmup."""
+    discriminator_warmup: int = 10
+    """Warm-up stage: the actor's SFT update runs only once step >= discriminator_warmup."""
     seed: int = 42
     output_dir: str = "outputs/run"
     init_from: str = ""
@@ -167,7 +168,7 @@ class TrainerConfig:
     tensorboard: bool = True
     progress_bar: bool = True
     log_param_digest: bool = False
-    """Log ``digest/actor`` and ``digest/critic`` (sums over all weights) each step: which models moved."""
+    """Log ``digest/actor`` and ``digest/discriminator`` (sums over all weights) each step: which models moved."""
     diagnostics_teacher: str = ""
     """Warm-up and GAD: a teacher model we hold (folder or ``builtin:`` name), read only to log what
     the discriminator's reward follows (``diag/...``: correlation with the teacher's likelihood and
@@ -205,7 +206,7 @@ class GADConfig:
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     actor: ActorConfig = field(default_factory=ActorConfig)
-    critic: CriticConfig = field(default_factory=CriticConfig)
+    discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
 
@@ -258,10 +259,10 @@ def value_problems(cfg: "GADConfig") -> list:
     def choice(flag: str, value, options):
         need(value in options, flag, "one of " + ", ".join(map(str, options)), value)
 
-    t, r, d, a, c = cfg.trainer, cfg.rollout, cfg.data, cfg.actor, cfg.critic
+    t, r, d, a, c = cfg.trainer, cfg.rollout, cfg.data, cfg.actor, cfg.discriminator
     choice("trainer.stage", t.stage, STAGES)
     choice("rollout.backend", r.backend, ("auto", "vllm", "hf"))
-    choice("critic.pooling", c.pooling, ("last", "sum", "mean"))
+    choice("discriminator.pooling", c.pooling, ("last", "sum", "mean"))
     need(not t.oracle_reward or bool(t.diagnostics_teacher), "trainer.oracle_reward",
          "false unless --trainer.diagnostics_teacher names the teacher whose log-ratio is the reward", t.oracle_reward)
     choice("data.overlong", d.overlong, ("skip", "error"))
@@ -284,8 +285,8 @@ def value_problems(cfg: "GADConfig") -> list:
     number("rollout.sync_bucket_mb", r.sync_bucket_mb, 0, low_open=True)
     number("rollout.hf_micro_batch_size", r.hf_micro_batch_size, 1)
     # optimizers
-    trains_critic = t.stage != "seqkd" and not (t.stage == "gad" and c.freeze)
-    for name, section, trained in (("actor", a, True), ("critic", c, trains_critic)):
+    trains_discriminator = t.stage != "seqkd" and not (t.stage == "gad" and c.freeze)
+    for name, section, trained in (("actor", a, True), ("discriminator", c, trains_discriminator)):
         if trained:
             number(f"{name}.lr", section.lr, 0)  # 0 = weights held (hand-off probes); negative is refused
         number(f"{name}.weight_decay", section.weight_decay, 0)
@@ -302,8 +303,8 @@ def value_problems(cfg: "GADConfig") -> list:
     number("actor.entropy_coef", a.entropy_coef, 0)
     number("actor.ppo_epochs", a.ppo_epochs, 1)
     number("actor.mini_batches", a.mini_batches, 1)
-    number("critic.micro_batch_prompts", c.micro_batch_prompts, 1)
-    number("critic.head_init_std", c.head_init_std, 0)
+    number("discriminator.micro_batch_prompts", c.micro_batch_prompts, 1)
+    number("discriminator.head_init_std", c.head_init_std, 0)
     # data
     number("data.max_prompt_tokens", d.max_prompt_tokens, 1)
     number("data.max_response_tokens", d.max_response_tokens, 1)
@@ -314,7 +315,7 @@ def value_problems(cfg: "GADConfig") -> list:
     number("trainer.prompts_per_step", t.prompts_per_step, 1)
     number("trainer.epochs", t.epochs, 0, low_open=True)
     number("trainer.max_steps", t.max_steps, 0)
-    number("trainer.critic_warmup", t.critic_warmup, 0)
+    number("trainer.discriminator_warmup", t.discriminator_warmup, 0)
     number("trainer.save_every", t.save_every, 0)
     number("trainer.keep_last", t.keep_last, 1)
     number("trainer.log_every", t.log_every, 1)
@@ -333,7 +334,7 @@ def looks_like_local_path(text: str) -> bool:
 
 def path_problems(cfg: "GADConfig") -> list:
     problems = []
-    for flag, value in (("model.actor_path", cfg.model.actor_path), ("model.critic_path", cfg.model.critic_path),
+    for flag, value in (("model.actor_path", cfg.model.actor_path), ("model.discriminator_path", cfg.model.discriminator_path),
                         ("model.tokenizer_path", cfg.model.tokenizer_path),
                         ("trainer.diagnostics_teacher", cfg.trainer.diagnostics_teacher)):
         if value and not value.startswith("builtin:") and looks_like_local_path(value):
@@ -368,14 +369,14 @@ def path_problems(cfg: "GADConfig") -> list:
 
 # Published per-stage defaults that differ from the dataclass defaults (DESIGN.md section 2).
 STAGE_DEFAULTS: dict[str, dict[str, dict]] = {
-    "seqkd": {"actor": {"lr": 5e-6, "kl_coef": 0.0}, "trainer": {"epochs": 3.0, "critic_warmup": 0}},
-    "warmup": {"trainer": {"critic_warmup": 10}},
-    "gad": {"trainer": {"critic_warmup": 0, "epochs": 2.0}},
+    "seqkd": {"actor": {"lr": 5e-6, "kl_coef": 0.0}, "trainer": {"epochs": 3.0, "discriminator_warmup": 0}},
+    "warmup": {"trainer": {"discriminator_warmup": 10}},
+    "gad": {"trainer": {"discriminator_warmup": 0, "epochs": 2.0}},
 }
 
 
 def parse_betas(text: str) -> tuple:
-    """``"0.9,0.999"`` (the ``betas`` field of the actor and critic sections) as AdamW's tuple."""
+    """``"0.9,0.999"`` (the ``betas`` field of the actor and discriminator sections) as AdamW's tuple."""
     return tuple(float(b) for b in str(text).split(","))
 
 

@@ -180,10 +180,10 @@ def _optimizer(params, section):
 
 
 class HybridEngine:
-    """Holds ``actor``, ``ref``, ``critic`` (DeepSpeed engines) and ``rollout`` for one stage."""
+    """Holds ``actor``, ``ref``, ``discriminator`` (DeepSpeed engines) and ``rollout`` for one stage."""
 
-    def __init__(self, cfg: GADConfig, rank: int, world_size: int, need_critic: bool = True,
-                 need_ref: bool | None = None, actor_path: str | None = None, critic_path: str | None = None):
+    def __init__(self, cfg: GADConfig, rank: int, world_size: int, need_discriminator: bool = True,
+                 need_ref: bool | None = None, actor_path: str | None = None, discriminator_path: str | None = None):
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.timer = PhaseTimer()
         self.device = runtime.device()
@@ -212,19 +212,19 @@ class HybridEngine:
                 ref_model.requires_grad_(False)
                 self.ref = self._initialize(ref_model, cfg.actor, train=False)
                 self.ref.eval()
-            self.critic, self.critic_trainable = None, False
-            if need_critic:
-                path = resolve_model_path(critic_path or m.critic_path or self.actor_path)
-                critic_model = self._load(
-                    lambda: load_discriminator(path, self.pad_token_id, self.dtype, attn, cfg.critic.head_init_std,
+            self.discriminator, self.discriminator_trainable = None, False
+            if need_discriminator:
+                path = resolve_model_path(discriminator_path or m.discriminator_path or self.actor_path)
+                discriminator_model = self._load(
+                    lambda: load_discriminator(path, self.pad_token_id, self.dtype, attn, cfg.discriminator.head_init_std,
                                                cfg.trainer.seed, m.gradient_checkpointing, m.trust_remote_code,
-                                               pooling=cfg.critic.pooling),
-                    cfg.critic, train=True)
-                trainable = not (cfg.critic.freeze and cfg.trainer.stage == "gad")
+                                               pooling=cfg.discriminator.pooling),
+                    cfg.discriminator, train=True)
+                trainable = not (cfg.discriminator.freeze and cfg.trainer.stage == "gad")
                 if not trainable:
-                    critic_model.requires_grad_(False)
-                self.critic = self._initialize(critic_model, cfg.critic, train=trainable)
-                self.critic_trainable = trainable
+                    discriminator_model.requires_grad_(False)
+                self.discriminator = self._initialize(discriminator_model, cfg.discriminator, train=trainable)
+                self.discriminator_trainable = trainable
 
         self.backend = choose_backend(cfg.rollout.backend)
         self.rollout = None
@@ -350,7 +350,7 @@ class HybridEngine:
     def scores(self, batch: SequenceBatch) -> torch.Tensor:
         """Discriminator scores at the last valid token, any EOS of the set read as the tokenizer's."""
         batch = batch.with_final_token(self.eos_ids, self.tokenizer.eos_token_id).to(self.device)
-        return self.critic(batch.input_ids, batch.attention_mask, batch.last_index, batch.response_mask)
+        return self.discriminator(batch.input_ids, batch.attention_mask, batch.last_index, batch.response_mask)
 
     @torch.no_grad()
     def scores_no_grad(self, batch: SequenceBatch, micro_batch_size: int) -> torch.Tensor:
@@ -439,7 +439,7 @@ class HybridEngine:
         return {"debug/rollout_greedy_match": match, "debug/rollout_greedy_logprob_gap": gap}
 
     def eval_mode(self):
-        for engine in (self.actor, self.critic):
+        for engine in (self.actor, self.discriminator):
             if engine is not None:
                 engine.eval()
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 logger = logging.getLogger("gadchat")
 
-CONSOLE_KEYS = {"critic/d_loss": "d_loss", "critic/d_acc": "d_acc", "critic/teacher_score": "r_teacher",
-                "critic/student_score": "r_student", "actor/sft_loss": "sft", "actor/pg_loss": "pg", "actor/kl": "kl",
+CONSOLE_KEYS = {"discriminator/d_loss": "d_loss", "discriminator/d_acc": "d_acc", "discriminator/teacher_score": "r_teacher",
+                "discriminator/student_score": "r_student", "actor/sft_loss": "sft", "actor/pg_loss": "pg", "actor/kl": "kl",
                 "reward/mean": "reward", "response_length/mean": "resp_len", "eval/rouge_l": "rougeL",
                 "throughput/tokens_per_s": "tok/s", "time/step": "s/step"}
 

@@ -133,13 +133,13 @@ class Discriminator(nn.Module):
     No sigmoid, no length normalisation. ``forward`` returns one score per sequence. With
     ``pooling="sum"`` (or ``"mean"``) the head is applied at every position and ``D`` is the sum
     (mean) of its outputs over the response tokens, ``sum_t w . h_t`` (an experimental option,
-    ``--critic.pooling``); the default ``"last"`` is the paper's discriminator.
+    ``--discriminator.pooling``); the default ``"last"`` is the paper's discriminator.
     """
 
     def __init__(self, seqcls_model: nn.Module, pooling: str = "last"):
         super().__init__()
         if pooling not in ("last", "sum", "mean"):
-            raise ValueError(f"critic.pooling must be last, sum or mean, got {pooling!r}")
+            raise ValueError(f"discriminator.pooling must be last, sum or mean, got {pooling!r}")
         self.seqcls = seqcls_model
         self.pooling = pooling
 
@@ -151,7 +151,7 @@ class Discriminator(nn.Module):
             rows = torch.arange(hidden.shape[0], device=hidden.device)
             return self.seqcls.score(hidden[rows, last_index]).squeeze(-1).float()
         if response_mask is None:
-            raise ValueError(f"critic.pooling={self.pooling} needs the response mask")
+            raise ValueError(f"discriminator.pooling={self.pooling} needs the response mask")
         per_token = self.seqcls.score(hidden).squeeze(-1).float()
         mask = response_mask.to(per_token.dtype)
         total = (per_token * mask).sum(-1)

@@ -5,7 +5,7 @@ Each step, read top to bottom:
 - ``seqkd``:  actor SFT on the teacher responses.
 - ``warmup``: rollout ``n`` samples per prompt -> discriminator Bradley-Terry update (every step)
   -> actor SFT on the teacher responses (+ k3 KL to the reference on the samples) only once
-  ``step >= critic_warmup``.
+  ``step >= discriminator_warmup``.
 - ``gad``:    rollout -> discriminator scores of the samples (pre-update) -> GRPO advantages ->
   discriminator update -> actor PPO-clip policy-gradient update + k3 KL to the reference.
 
@@ -72,14 +72,14 @@ class StageTrainer:
         # Before anything is built or written: refuse to start over a run unless --trainer.overwrite.
         self.clear_output_dir = checkpoint.check_output_dir(cfg)
         stage = cfg.trainer.stage
-        actor_path, critic_path = checkpoint.handoff_paths(cfg)
+        actor_path, discriminator_path = checkpoint.handoff_paths(cfg)
         if self.rank == 0:
             actor_from = actor_path or cfg.model.actor_path
-            critic_from = critic_path or cfg.model.critic_path or f"{actor_from} (backbone) with a new score head"
+            discriminator_from = discriminator_path or cfg.model.discriminator_path or f"{actor_from} (backbone) with a new score head"
             logger.info("stage %s starts from actor %s%s", stage, actor_from,
-                        "" if stage == "seqkd" else f" and discriminator {critic_from}")
-        self.engine = HybridEngine(cfg, self.rank, self.world_size, need_critic=stage != "seqkd",
-                                   actor_path=actor_path, critic_path=critic_path)
+                        "" if stage == "seqkd" else f" and discriminator {discriminator_from}")
+        self.engine = HybridEngine(cfg, self.rank, self.world_size, need_discriminator=stage != "seqkd",
+                                   actor_path=actor_path, discriminator_path=discriminator_path)
         self.tokenizer = self.engine.tokenizer
         self.examples, report = load_teacher_data(cfg.data, self.tokenizer)
         if self.rank == 0:
@@ -153,7 +153,7 @@ class StageTrainer:
                 raise NonFiniteError(
                     f"step {step + 1}: non-finite values in the actor or discriminator outputs "
                     f"({str(exc).splitlines()[0][:200]}); stopping without saving; the last good checkpoint is "
-                    f"{last_good if last_good is not None else 'none'}. Lower --actor.lr / --critic.lr or the grad "
+                    f"{last_good if last_good is not None else 'none'}. Lower --actor.lr / --discriminator.lr or the grad "
                     "clip") from exc
             if t.log_param_digest:
                 local.update(self.param_digests())
@@ -188,8 +188,8 @@ class StageTrainer:
     def optimizer_counters(self) -> dict:
         """``{model: (optimizer steps, steps DeepSpeed skipped)}`` of the trained engines."""
         engines = {"actor": self.engine.actor}
-        if self.engine.critic is not None and self.engine.critic_trainable:
-            engines["critic"] = self.engine.critic
+        if self.engine.discriminator is not None and self.engine.discriminator_trainable:
+            engines["discriminator"] = self.engine.discriminator
         return {name: (int(e.global_steps), int(getattr(e, "skipped_steps", 0))) for name, e in engines.items()}
 
     def check_finite(self, step: int, metrics: dict, before: dict) -> None:
@@ -198,12 +198,12 @@ class StageTrainer:
         checkpoint stays) or, with ``--trainer.on_nonfinite skip``, is counted in
         ``nonfinite/skipped_step`` when DeepSpeed skipped the update (ZeRO 1-3 skip a step whose
         gradient norm is not finite; ZeRO-0 cannot, so there it still stops)."""
-        engines = {"actor": self.engine.actor, "critic": self.engine.critic}
+        engines = {"actor": self.engine.actor, "discriminator": self.engine.discriminator}
         applied, skipped_by_deepspeed = set(), set()
         for name, (steps, skipped) in before.items():
             engine = engines[name]
             if int(engine.global_steps) == steps:
-                continue  # no update this step (e.g. the actor before critic_warmup)
+                continue  # no update this step (e.g. the actor before discriminator_warmup)
             norm = engine.get_global_grad_norm()
             if int(getattr(engine, "skipped_steps", 0)) > skipped:
                 skipped_by_deepspeed.add(name)
@@ -214,7 +214,7 @@ class StageTrainer:
                 metrics[f"{name}/grad_norm"] = float(norm)
         bad = nonfinite_metrics(metrics)
         skip_mode = self.cfg.trainer.on_nonfinite == "skip"
-        owners = {"critic" if key.startswith(("critic/", "reward/", "advantage/")) else key.split("/", 1)[0]
+        owners = {"discriminator" if key.startswith(("discriminator/", "reward/", "advantage/")) else key.split("/", 1)[0]
                   for key in bad}
         harmed = sorted(owners & applied)  # models whose non-finite update went through
         if skip_mode:
@@ -235,7 +235,7 @@ class StageTrainer:
                       else "no update was skipped, ")
         raise NonFiniteError(
             f"step {step}: non-finite {what}; {reason}stopping without saving; the last good checkpoint is "
-            f"{last if last is not None else 'none'}. Lower --actor.lr / --critic.lr or the grad clip"
+            f"{last if last is not None else 'none'}. Lower --actor.lr / --discriminator.lr or the grad clip"
             + ("" if skip_mode else ", or pass --trainer.on_nonfinite skip to skip such steps"))
 
     # ------------------------------------------------------------------------------------------
@@ -243,8 +243,8 @@ class StageTrainer:
 
     def param_digests(self) -> dict:
         out = {"digest/actor": self.engine.param_digest(self.engine.actor)}
-        if self.engine.critic is not None:
-            out["digest/critic"] = self.engine.param_digest(self.engine.critic)
+        if self.engine.discriminator is not None:
+            out["digest/discriminator"] = self.engine.param_digest(self.engine.discriminator)
         if self.engine.ref is not None:
             out["digest/ref"] = self.engine.param_digest(self.engine.ref)
         return out
@@ -299,7 +299,7 @@ class StageTrainer:
         """Bradley-Terry update, micro-batched by prompt; returns metrics and the student scores
         of the forward pass (taken before this step's update: the GAD rewards)."""
         n, prompts = self.cfg.rollout.n, len(teacher)
-        per_micro = max(1, self.cfg.critic.micro_batch_prompts)
+        per_micro = max(1, self.cfg.discriminator.micro_batch_prompts)
         teacher_scores, student_scores = [], []
 
         def micro_step(start):
@@ -312,22 +312,22 @@ class StageTrainer:
                 return bradley_terry_loss(t_scores, s_scores) * ((end - start) / prompts)
             return forward
 
-        with self.engine.timer("critic_update"):
-            d_loss = self.engine.accumulate(self.engine.critic, [micro_step(s) for s in range(0, prompts, per_micro)])
+        with self.engine.timer("discriminator_update"):
+            d_loss = self.engine.accumulate(self.engine.discriminator, [micro_step(s) for s in range(0, prompts, per_micro)])
         t_all, s_all = torch.cat(teacher_scores), torch.cat(student_scores)
-        metrics = {"critic/d_loss": d_loss}
-        metrics.update({f"critic/{k}": v for k, v in discriminator_metrics(t_all, s_all).items()})
+        metrics = {"discriminator/d_loss": d_loss}
+        metrics.update({f"discriminator/{k}": v for k, v in discriminator_metrics(t_all, s_all).items()})
         return metrics, s_all
 
     def score_students(self, teacher: SequenceBatch, student: SequenceBatch):
         """Scores without an update (frozen-discriminator ablation)."""
-        mb = max(1, self.cfg.critic.micro_batch_prompts) * self.cfg.rollout.n
+        mb = max(1, self.cfg.discriminator.micro_batch_prompts) * self.cfg.rollout.n
         with self.engine.timer("score"):
             t_all = self.engine.scores_no_grad(teacher, mb)
             s_all = self.engine.scores_no_grad(student, mb).view(len(teacher), -1)
-        metrics = {f"critic/{k}": v for k, v in discriminator_metrics(t_all, s_all).items()}
+        metrics = {f"discriminator/{k}": v for k, v in discriminator_metrics(t_all, s_all).items()}
         with torch.no_grad():
-            metrics["critic/d_loss"] = float(bradley_terry_loss(t_all, s_all))
+            metrics["discriminator/d_loss"] = float(bradley_terry_loss(t_all, s_all))
         return metrics, s_all
 
     def sft_micro_steps(self, teacher: SequenceBatch) -> list:
@@ -390,8 +390,8 @@ class StageTrainer:
         metrics, scores = self.update_discriminator(teacher, student)
         metrics.update(_response_length_stats(samples))
         metrics.update(self.reward_diagnostics(scores, student, samples, self.teacher_view(student)))
-        metrics["actor/updated"] = float(step >= self.cfg.trainer.critic_warmup)
-        if step >= self.cfg.trainer.critic_warmup:
+        metrics["actor/updated"] = float(step >= self.cfg.trainer.discriminator_warmup)
+        if step >= self.cfg.trainer.discriminator_warmup:
             sft_steps = self.sft_micro_steps(teacher)
             kl_values: list = []
             kl_steps = []
@@ -411,7 +411,7 @@ class StageTrainer:
     def gad_step(self, step: int, batch) -> dict:
         teacher = self.teacher_batch(batch)
         samples, student = self.rollout(step, batch)
-        if self.engine.critic_trainable:
+        if self.engine.discriminator_trainable:
             # The update's forward pass runs on the pre-update discriminator: its student scores
             # are this step's rewards (one pass instead of a separate scoring pass).
             metrics, rewards = self.update_discriminator(teacher, student)
@@ -428,9 +428,9 @@ class StageTrainer:
         metrics.update({"reward/mean": reward["mean"], "reward/std": reward["std"],
                         "advantage/mean": advantage["mean"], "advantage/std": advantage["std"],
                         "advantage/max": advantage["max"], "advantage/min": advantage["min"]})
-        # The gate applies here too (verl): the actor waits while step < critic_warmup (GAD default 0).
-        metrics["actor/updated"] = float(step >= self.cfg.trainer.critic_warmup)
-        if step >= self.cfg.trainer.critic_warmup:
+        # The gate applies here too (verl): the actor waits while step < discriminator_warmup (GAD default 0).
+        metrics["actor/updated"] = float(step >= self.cfg.trainer.discriminator_warmup)
+        if step >= self.cfg.trainer.discriminator_warmup:
             ref = self.ref_log_probs(student) if self.engine.ref is not None else None
             metrics.update(self.policy_update(student, advantages, ref))
         metrics["tokens"] = float(student.attention_mask.sum() + teacher.attention_mask.sum())

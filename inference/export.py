@@ -4,7 +4,7 @@
     python -m inference.export --checkpoint outputs/run/checkpoints/step_00000040 --out exported/ --which actor
 
 Reads the DeepSpeed checkpoint (ZeRO 0-3; ZeRO-2/3 shards are consolidated to fp32 with DeepSpeed's
-zero_to_fp32) and writes ``OUT/actor`` (AutoModelForCausalLM, loadable by vLLM) and ``OUT/critic``
+zero_to_fp32) and writes ``OUT/actor`` (AutoModelForCausalLM, loadable by vLLM) and ``OUT/discriminator``
 (AutoModelForSequenceClassification with one label: the discriminator as a reward model whose
 score equals the training score) with tokenizer and chat template. No GPU needed. Every file is
 checked to hold only tensors and DeepSpeed's plain state before anything is unpickled (a crafted
@@ -25,16 +25,16 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="a stage's output dir, its checkpoints/ folder, or a step folder")
-    parser.add_argument("--out", required=True, help="OUT/actor and OUT/critic are written")
-    parser.add_argument("--which", default="both", choices=("actor", "critic", "both"), help="models to export")
+    parser.add_argument("--out", required=True, help="OUT/actor and OUT/discriminator are written")
+    parser.add_argument("--which", default="both", choices=("actor", "discriminator", "both"), help="models to export")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="weights dtype")
     args = parser.parse_args(argv)
     try:
         step_dir = latest_checkpoint(args.checkpoint)
         if step_dir is None:
             raise CheckpointError(f"{args.checkpoint}: no checkpoint found (no 'latest' file or trainer_state.json)")
-        which = ["actor", "critic"] if args.which == "both" else [args.which]
-        if args.which == "both" and not (step_dir / "critic").is_dir():
+        which = ["actor", "discriminator"] if args.which == "both" else [args.which]
+        if args.which == "both" and not (step_dir / "discriminator").is_dir():
             which = ["actor"]  # SeqKD, or a frozen discriminator: nothing trained to export
         for name in which:
             out = export_from_checkpoint(step_dir, Path(args.out) / name, which=name, dtype=args.dtype)

@@ -24,12 +24,12 @@ def test_bf16_warmup_and_gad_steps_under_zero3(tiny_model, tmp_path, backend):
               "--trainer.max_steps", 1, "--trainer.verify_rollout_sync", "true", "--rollout.max_new_tokens", 16,
               "--trainer.log_param_digest", "true"]
     warmup, gad = tmp_path / "warmup", tmp_path / "gad"
-    launch("warmup", 2, tiny_args(tiny_model, warmup, "--trainer.critic_warmup", 0, *common))
+    launch("warmup", 2, tiny_args(tiny_model, warmup, "--trainer.discriminator_warmup", 0, *common))
     launch("gad", 2, tiny_args(tiny_model, gad, "--trainer.init_from", warmup, *common))
     for out, loss in ((warmup, "actor/sft_loss"), (gad, "actor/pg_loss")):
         initial, row = read_metrics(out)
-        assert row["actor/updated"] == 1.0 and math.isfinite(row[loss]) and math.isfinite(row["critic/d_loss"])
-        assert row["digest/actor"] != initial["digest/actor"] and row["digest/critic"] != initial["digest/critic"]
+        assert row["actor/updated"] == 1.0 and math.isfinite(row[loss]) and math.isfinite(row["discriminator/d_loss"])
+        assert row["digest/actor"] != initial["digest/actor"] and row["digest/discriminator"] != initial["digest/discriminator"]
         assert row["digest/ref"] == initial["digest/ref"] if "digest/ref" in row else True
         assert row["debug/rollout_greedy_logprob_gap"] < BF16_GAP, row
         if backend == "hf":

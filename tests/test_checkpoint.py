@@ -21,7 +21,7 @@ BACKEND = "vllm" if HAS_VLLM else "hf"
 
 def warmup_args(model, out, *extra):
     return tiny_args(model, out, "--rollout.backend", BACKEND, "--trainer.max_steps", STEPS,
-                     "--trainer.critic_warmup", 2, "--trainer.save_every", 2, "--trainer.keep_last", 2, *extra)
+                     "--trainer.discriminator_warmup", 2, "--trainer.save_every", 2, "--trainer.keep_last", 2, *extra)
 
 
 def comparable(rows):
@@ -72,7 +72,7 @@ def test_warmup_resumes_exactly_after_sigkill(tiny_model, uninterrupted, tmp_pat
     launch("warmup", 2, warmup_args(tiny_model, out))  # --trainer.resume auto
     assert comparable(read_metrics(out)) == comparable(read_metrics(uninterrupted))
     assert_same_folder_weights(uninterrupted / "final" / "actor", out / "final" / "actor")
-    assert_same_folder_weights(uninterrupted / "final" / "critic", out / "final" / "critic")
+    assert_same_folder_weights(uninterrupted / "final" / "discriminator", out / "final" / "discriminator")
     kept = sorted(p.name for p in (out / "checkpoints").glob("step_*"))
     assert kept == ["step_00000004", "step_00000006"]  # keep_last 2
 
@@ -89,7 +89,7 @@ def test_gad_resumes_exactly_after_sigkill(tiny_model, uninterrupted, tmp_path):
     launch("gad", 2, gad_args(out))
     assert comparable(read_metrics(out)) == comparable(read_metrics(reference))
     assert_same_folder_weights(reference / "final" / "actor", out / "final" / "actor")
-    assert_same_folder_weights(reference / "final" / "critic", out / "final" / "critic")
+    assert_same_folder_weights(reference / "final" / "discriminator", out / "final" / "discriminator")
 
 
 @pytest.mark.slow
@@ -125,7 +125,7 @@ def test_a_run_killed_before_its_export_exports_on_rerun(tiny_model, uninterrupt
     result = launch("warmup", 2, warmup_args(tiny_model, out, "--rollout.backend", "hf"))
     assert "already finished" in result.stdout + result.stderr
     assert_same_folder_weights(uninterrupted / "final" / "actor", out / "final" / "actor")
-    assert_same_folder_weights(uninterrupted / "final" / "critic", out / "final" / "critic")
+    assert_same_folder_weights(uninterrupted / "final" / "discriminator", out / "final" / "discriminator")
 
 
 @pytest.mark.slow
@@ -169,7 +169,7 @@ def test_offline_export_equals_live_export_and_engine_outputs(tiny_model, uninte
                              "--out", str(exported)], cwd=REPO, env=subprocess_env(), capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert_same_folder_weights(uninterrupted / "final" / "actor", exported / "actor")
-    assert_same_folder_weights(uninterrupted / "final" / "critic", exported / "critic")
+    assert_same_folder_weights(uninterrupted / "final" / "discriminator", exported / "discriminator")
 
     # The exported actor serves the inference tools (vLLM where installed).
     generations = tmp_path / "generations.jsonl"
@@ -197,10 +197,10 @@ def test_offline_export_equals_live_export_and_engine_outputs(tiny_model, uninte
     assert engine["step"] == STEPS
     for folder in (uninterrupted / "final", exported):
         actor = AutoModelForCausalLM.from_pretrained(folder / "actor", dtype=torch.float32).eval()
-        critic = AutoModelForSequenceClassification.from_pretrained(folder / "critic", dtype=torch.float32).eval()
+        discriminator = AutoModelForSequenceClassification.from_pretrained(folder / "discriminator", dtype=torch.float32).eval()
         with torch.no_grad():
             logits = actor(input_ids=engine["input_ids"], attention_mask=engine["attention_mask"]).logits
-            scores = critic(input_ids=engine["input_ids"], attention_mask=engine["attention_mask"]).logits[:, 0]
+            scores = discriminator(input_ids=engine["input_ids"], attention_mask=engine["attention_mask"]).logits[:, 0]
         mask = engine["attention_mask"].bool()
         assert torch.allclose(logits[mask], engine["logits"][mask], atol=1e-5, rtol=1e-5)
         assert torch.allclose(scores, engine["scores"], atol=1e-5, rtol=1e-5)

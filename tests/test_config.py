@@ -26,8 +26,8 @@ def all_fields():
 
 
 SPECIAL_VALUES = {"trainer.stage": "gad", "rollout.backend": "hf", "data.overlong": "error",
-                  "actor.betas": "0.8,0.95", "critic.betas": "0.85,0.9", "trainer.resume": "none",
-                  "model.dtype": "bfloat16", "trainer.on_nonfinite": "skip", "critic.pooling": "sum"}
+                  "actor.betas": "0.8,0.95", "discriminator.betas": "0.85,0.9", "trainer.resume": "none",
+                  "model.dtype": "bfloat16", "trainer.on_nonfinite": "skip", "discriminator.pooling": "sum"}
 
 
 def non_default(section, name, kind, default):
@@ -103,18 +103,18 @@ def test_yaml_then_flags_override(tmp_path):
 
 def test_yaml_float_without_dot_is_read_as_float(tmp_path):
     # YAML 1.1 reads 1e-6 as a string; the config layer converts it to the field's float type
-    path = write_yaml(tmp_path / "lr.yaml", "actor:\n  lr: 1e-5\ncritic:\n  lr: 2\n")
+    path = write_yaml(tmp_path / "lr.yaml", "actor:\n  lr: 1e-5\ndiscriminator:\n  lr: 2\n")
     cfg = load_config(["--config", str(path)])
     assert cfg.actor.lr == 1e-5 and isinstance(cfg.actor.lr, float)
-    assert cfg.critic.lr == 2.0 and isinstance(cfg.critic.lr, float)
+    assert cfg.discriminator.lr == 2.0 and isinstance(cfg.discriminator.lr, float)
 
 
 def test_shipped_cpu_tiny_yaml_loads():
     cfg = load_config(["--config", str(REPO / "configs" / "cpu_tiny.yaml")], stage="gad")
     assert cfg.trainer.stage == "gad"
-    # critic_warmup comes from the stage defaults: the GAD stage honours the gate too (issue 11)
-    assert cfg.rollout.n == 4 and cfg.trainer.prompts_per_step == 8 and cfg.trainer.critic_warmup == 0
-    assert load_config(["--config", str(REPO / "configs" / "cpu_tiny.yaml")], stage="warmup").trainer.critic_warmup == 10
+    # discriminator_warmup comes from the stage defaults: the GAD stage honours the gate too (issue 11)
+    assert cfg.rollout.n == 4 and cfg.trainer.prompts_per_step == 8 and cfg.trainer.discriminator_warmup == 0
+    assert load_config(["--config", str(REPO / "configs" / "cpu_tiny.yaml")], stage="warmup").trainer.discriminator_warmup == 10
 
 
 # ----------------------------------------------------------------------------------------------
@@ -123,35 +123,35 @@ def test_shipped_cpu_tiny_yaml_loads():
 
 def test_stage_defaults_per_entry_point():
     seqkd = load_config([], stage="seqkd")
-    assert (seqkd.trainer.stage, seqkd.actor.lr, seqkd.actor.kl_coef, seqkd.trainer.critic_warmup,
+    assert (seqkd.trainer.stage, seqkd.actor.lr, seqkd.actor.kl_coef, seqkd.trainer.discriminator_warmup,
             seqkd.trainer.epochs) == ("seqkd", 5e-6, 0.0, 0, 3.0)
     warmup = load_config([], stage="warmup")
-    assert (warmup.trainer.stage, warmup.actor.lr, warmup.critic.lr, warmup.actor.kl_coef,
-            warmup.trainer.critic_warmup, warmup.trainer.epochs) == ("warmup", 1e-6, 1e-6, 0.001, 10, 1.0)
+    assert (warmup.trainer.stage, warmup.actor.lr, warmup.discriminator.lr, warmup.actor.kl_coef,
+            warmup.trainer.discriminator_warmup, warmup.trainer.epochs) == ("warmup", 1e-6, 1e-6, 0.001, 10, 1.0)
     gad = load_config([], stage="gad")
-    assert (gad.trainer.stage, gad.actor.lr, gad.critic.lr, gad.actor.kl_coef, gad.trainer.critic_warmup,
+    assert (gad.trainer.stage, gad.actor.lr, gad.discriminator.lr, gad.actor.kl_coef, gad.trainer.discriminator_warmup,
             gad.trainer.epochs) == ("gad", 1e-6, 1e-6, 0.001, 0, 2.0)
     # the default stage without an entry point is the warm-up
     assert load_config([]).trainer.stage == "warmup"
-    assert load_config([]).trainer.critic_warmup == 10
+    assert load_config([]).trainer.discriminator_warmup == 10
 
 
 def test_stage_defaults_lie_under_yaml_and_flags(tmp_path):
-    path = write_yaml(tmp_path / "stage.yaml", "actor:\n  lr: 7.0e-6\ntrainer:\n  critic_warmup: 3\n")
+    path = write_yaml(tmp_path / "stage.yaml", "actor:\n  lr: 7.0e-6\ntrainer:\n  discriminator_warmup: 3\n")
     seqkd = load_config(["--config", str(path)], stage="seqkd")
-    assert seqkd.actor.lr == 7e-6 and seqkd.trainer.critic_warmup == 3
+    assert seqkd.actor.lr == 7e-6 and seqkd.trainer.discriminator_warmup == 3
     assert seqkd.actor.kl_coef == 0.0 and seqkd.trainer.epochs == 3.0  # stage defaults YAML did not touch
-    gad = load_config(["--config", str(path), "--trainer.critic_warmup", "5", "--trainer.epochs", "1.5"], stage="gad")
-    assert gad.trainer.critic_warmup == 5 and gad.trainer.epochs == 1.5 and gad.actor.lr == 7e-6
+    gad = load_config(["--config", str(path), "--trainer.discriminator_warmup", "5", "--trainer.epochs", "1.5"], stage="gad")
+    assert gad.trainer.discriminator_warmup == 5 and gad.trainer.epochs == 1.5 and gad.actor.lr == 7e-6
     assert load_config(["--actor.lr", "1e-4"], stage="seqkd").actor.lr == 1e-4
 
 
 def test_stage_chosen_by_flag_or_yaml_brings_its_defaults(tmp_path):
     cfg = load_config(["--trainer.stage", "seqkd"])
-    assert (cfg.trainer.stage, cfg.actor.lr, cfg.trainer.critic_warmup) == ("seqkd", 5e-6, 0)
+    assert (cfg.trainer.stage, cfg.actor.lr, cfg.trainer.discriminator_warmup) == ("seqkd", 5e-6, 0)
     path = write_yaml(tmp_path / "gad.yaml", "trainer:\n  stage: gad\n")
     cfg = load_config(["--config", str(path)])
-    assert (cfg.trainer.stage, cfg.trainer.critic_warmup, cfg.trainer.epochs) == ("gad", 0, 2.0)
+    assert (cfg.trainer.stage, cfg.trainer.discriminator_warmup, cfg.trainer.epochs) == ("gad", 0, 2.0)
     path = write_yaml(tmp_path / "seqkd.yaml", "trainer:\n  stage: seqkd\n")
     cfg = load_config(["--config", str(path)])
     assert (cfg.trainer.stage, cfg.actor.lr, cfg.actor.kl_coef) == ("seqkd", 5e-6, 0.0)
@@ -167,8 +167,8 @@ def test_entry_point_stage_wins_over_a_shared_yaml_and_conflicting_flag_errors(t
 
 def test_stage_defaults_table_matches_design():
     assert STAGE_DEFAULTS["seqkd"]["actor"]["lr"] == 5e-6
-    assert STAGE_DEFAULTS["warmup"]["trainer"]["critic_warmup"] == 10
-    assert STAGE_DEFAULTS["gad"]["trainer"]["critic_warmup"] == 0
+    assert STAGE_DEFAULTS["warmup"]["trainer"]["discriminator_warmup"] == 10
+    assert STAGE_DEFAULTS["gad"]["trainer"]["discriminator_warmup"] == 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -178,23 +178,23 @@ def test_stage_defaults_table_matches_design():
 @pytest.mark.parametrize("text,value", [("true", True), ("false", False), ("True", True), ("FALSE", False),
                                         ("1", True), ("0", False), ("yes", True), ("no", False)])
 def test_boolean_flags(text, value):
-    cfg = load_config(["--critic.freeze", text, "--trainer.tensorboard", text])
-    assert cfg.critic.freeze is value and cfg.trainer.tensorboard is value
+    cfg = load_config(["--discriminator.freeze", text, "--trainer.tensorboard", text])
+    assert cfg.discriminator.freeze is value and cfg.trainer.tensorboard is value
 
 
 def test_bad_boolean_flag_names_the_flag(capsys):
     with pytest.raises(SystemExit) as info:
-        load_config(["--critic.freeze", "maybe"])
+        load_config(["--discriminator.freeze", "maybe"])
     assert info.value.code == 2
     err = capsys.readouterr().err
-    assert "--critic.freeze" in err and "maybe" in err
+    assert "--discriminator.freeze" in err and "maybe" in err
 
 
 def test_yaml_booleans(tmp_path):
-    path = write_yaml(tmp_path / "b.yaml", "critic:\n  freeze: true\ntrainer:\n  tensorboard: 'false'\n"
+    path = write_yaml(tmp_path / "b.yaml", "discriminator:\n  freeze: true\ntrainer:\n  tensorboard: 'false'\n"
                                            "  progress_bar: no\n")
     cfg = load_config(["--config", str(path)])
-    assert cfg.critic.freeze is True and cfg.trainer.tensorboard is False and cfg.trainer.progress_bar is False
+    assert cfg.discriminator.freeze is True and cfg.trainer.tensorboard is False and cfg.trainer.progress_bar is False
 
 
 # ----------------------------------------------------------------------------------------------
@@ -218,7 +218,7 @@ def test_unknown_yaml_section_and_field(tmp_path):
     ("rollout:\n  n: many\n", "rollout.n"),
     ("actor:\n  lr: fast\n", "actor.lr"),
     ("trainer:\n  prompts_per_step: [1, 2]\n", "trainer.prompts_per_step"),
-    ("critic:\n  freeze: maybe\n", "critic.freeze"),
+    ("discriminator:\n  freeze: maybe\n", "discriminator.freeze"),
     ("trainer:\n  tensorboard: 2\n", "trainer.tensorboard"),
     ("rollout:\n  n: 2.5\n", "rollout.n"),
     ("rollout:\n  n: true\n", "rollout.n"),
@@ -277,10 +277,10 @@ def test_local_rank_is_accepted():
     ("rollout", "top_p", 0.0, "--rollout.top_p must be > 0 and <= 1"),
     ("rollout", "max_new_tokens", 0, "--rollout.max_new_tokens must be >= 1, got 0"),
     ("actor", "betas", "0.9", "--actor.betas must be two comma-separated numbers in [0, 1)"),
-    ("critic", "betas", "0.9,x", "--critic.betas must be two comma-separated numbers in [0, 1)"),
+    ("discriminator", "betas", "0.9,x", "--discriminator.betas must be two comma-separated numbers in [0, 1)"),
     ("actor", "betas", "0.9,1.0", "--actor.betas must be two"),
     ("actor", "micro_batch_size", 0, "--actor.micro_batch_size must be >= 1, got 0"),
-    ("critic", "micro_batch_prompts", 0, "--critic.micro_batch_prompts must be >= 1, got 0"),
+    ("discriminator", "micro_batch_prompts", 0, "--discriminator.micro_batch_prompts must be >= 1, got 0"),
     ("trainer", "max_steps", -3, "--trainer.max_steps must be >= 0, got -3"),
     ("trainer", "epochs", 0.0, "--trainer.epochs must be > 0, got 0.0"),
     ("trainer", "save_every", -1, "--trainer.save_every must be >= 0, got -1"),
@@ -288,7 +288,7 @@ def test_local_rank_is_accepted():
     ("trainer", "log_every", 0, "--trainer.log_every must be >= 1, got 0"),
     ("actor", "lr", -1.0, "--actor.lr must be >= 0, got -1.0"),
     ("actor", "lr", float("nan"), "--actor.lr must be >= 0, got nan"),
-    ("critic", "lr", float("inf"), "--critic.lr must be >= 0, got inf"),
+    ("discriminator", "lr", float("inf"), "--discriminator.lr must be >= 0, got inf"),
     ("actor", "kl_coef", -0.1, "--actor.kl_coef must be >= 0, got -0.1"),
     ("actor", "clip_eps", 0.0, "--actor.clip_eps must be > 0, got 0.0"),
     ("actor", "grad_clip", -1.0, "--actor.grad_clip must be >= 0, got -1.0"),
@@ -391,19 +391,19 @@ def test_published_defaults():
     assert cfg.data.max_prompt_tokens == 2048
     assert cfg.data.max_response_tokens == 1536
     assert cfg.rollout.max_new_tokens == 1536
-    assert cfg.actor.lr == 1e-6 and cfg.critic.lr == 1e-6
-    assert cfg.actor.grad_clip == 0.2 and cfg.critic.grad_clip == 0.2
+    assert cfg.actor.lr == 1e-6 and cfg.discriminator.lr == 1e-6
+    assert cfg.actor.grad_clip == 0.2 and cfg.discriminator.grad_clip == 0.2
     assert cfg.actor.kl_coef == 0.001
     assert cfg.actor.clip_eps == 0.2
     assert cfg.actor.entropy_coef == 0.0
-    assert cfg.actor.weight_decay == 0.01 and cfg.critic.weight_decay == 0.01
+    assert cfg.actor.weight_decay == 0.01 and cfg.discriminator.weight_decay == 0.01
     assert cfg.actor.ppo_epochs == 1 and cfg.actor.mini_batches == 1
-    assert cfg.trainer.critic_warmup == 10
-    assert cfg.critic.freeze is False
+    assert cfg.trainer.discriminator_warmup == 10
+    assert cfg.discriminator.freeze is False
 
 
 def test_save_and_reload_round_trip(tmp_path):
-    cfg = load_config(["--rollout.n", "3", "--critic.freeze", "true", "--actor.lr", "2e-5"], stage="gad")
+    cfg = load_config(["--rollout.n", "3", "--discriminator.freeze", "true", "--actor.lr", "2e-5"], stage="gad")
     save_config(cfg, tmp_path / "sub" / "config.json")
     loaded = config_from_dict(json.loads((tmp_path / "sub" / "config.json").read_text()))
     assert loaded == cfg
@@ -411,7 +411,7 @@ def test_save_and_reload_round_trip(tmp_path):
 
 
 def test_yaml_that_is_not_a_mapping_is_a_clear_error(tmp_path):
-    path = write_yaml(tmp_path / "list.yaml", "- actor\n- critic\n")
+    path = write_yaml(tmp_path / "list.yaml", "- actor\n- discriminator\n")
     with pytest.raises(ValueError, match=r"list\.yaml: expected a mapping of sections, got list"):
         load_config(["--config", str(path)])
     path = write_yaml(tmp_path / "stage_list.yaml", "trainer:\n  stage: [gad]\n")
@@ -419,14 +419,14 @@ def test_yaml_that_is_not_a_mapping_is_a_clear_error(tmp_path):
         load_config(["--config", str(path)])
 
 
-def test_gad_stage_needs_two_samples_per_prompt_and_critic_lr_is_free_when_frozen():
+def test_gad_stage_needs_two_samples_per_prompt_and_discriminator_lr_is_free_when_frozen():
     with pytest.raises(ValueError, match=r"--rollout.n must be >= 2 in the GAD stage"):
         load_config(["--rollout.n", "1"], stage="gad")
     assert load_config(["--rollout.n", "1"], stage="warmup").rollout.n == 1  # the BT loss is defined with one sample
-    with pytest.raises(ValueError, match=r"--critic.lr must be >= 0"):
-        load_config(["--critic.lr", "-1"], stage="gad")
-    assert load_config(["--critic.lr", "-1", "--critic.freeze", "true"], stage="gad").critic.lr == -1
-    assert load_config(["--critic.lr", "-1"], stage="seqkd").critic.lr == -1  # SeqKD trains no discriminator
+    with pytest.raises(ValueError, match=r"--discriminator.lr must be >= 0"):
+        load_config(["--discriminator.lr", "-1"], stage="gad")
+    assert load_config(["--discriminator.lr", "-1", "--discriminator.freeze", "true"], stage="gad").discriminator.lr == -1
+    assert load_config(["--discriminator.lr", "-1"], stage="seqkd").discriminator.lr == -1  # SeqKD trains no discriminator
     assert load_config(["--actor.lr", "0"], stage="gad").actor.lr == 0  # weights held: the hand-off probes
 
 
@@ -451,8 +451,8 @@ def test_broken_yaml_names_file_and_line(tmp_path):
 def test_paths_are_checked_before_any_engine(tmp_path):
     with pytest.raises(ValueError, match=r"--model.actor_path /nonexistent/model: no such folder"):
         load_config(["--model.actor_path", "/nonexistent/model"]).check_paths()
-    with pytest.raises(ValueError, match=r"--model.critic_path ./nowhere: no such folder"):
-        load_config(["--model.critic_path", "./nowhere"]).check_paths()
+    with pytest.raises(ValueError, match=r"--model.discriminator_path ./nowhere: no such folder"):
+        load_config(["--model.discriminator_path", "./nowhere"]).check_paths()
     load_config(["--model.actor_path", "Qwen/Qwen2.5-0.5B-Instruct"]).check_paths()  # a hub id is not checked
     a_file = tmp_path / "a_file"
     a_file.write_text("x")

@@ -84,7 +84,7 @@ def tiny_hidden(model) -> int:
 
 @pytest.mark.parametrize("pooling", ["sum", "mean"])
 def test_token_pooling_sums_the_head_over_response_tokens(tiny_model, tokenizer, pooling):
-    """``--critic.pooling sum|mean``: D is the sum (mean) of the head's output over the response
+    """``--discriminator.pooling sum|mean``: D is the sum (mean) of the head's output over the response
     tokens only; prompt and padding positions do not count; ``last`` stays the last-token score."""
     pooled = load_discriminator(str(tiny_model), tokenizer.pad_token_id, torch.float32, "sdpa", seed=3,
                                 pooling=pooling).eval()

@@ -32,13 +32,13 @@ def run_probe(ranks: int, args: list, tmp_path) -> dict:
 def test_checkpointing_runs_in_updates_and_chunked_log_probs_match_under_zero3(tiny_model, tmp_path, stage, ranks,
                                                                                 backend):
     probe = run_probe(ranks, tiny_args(tiny_model, tmp_path / "run", "--trainer.stage", stage,
-                                       "--trainer.critic_warmup", 0, "--rollout.backend", backend,
+                                       "--trainer.discriminator_warmup", 0, "--rollout.backend", backend,
                                        "--model.gradient_checkpointing", "true", "--rollout.max_new_tokens", 16,
                                        "--deepspeed.zero_stage", 3), tmp_path)
     # two layers per forward; the actor's update and the discriminator's both checkpoint
     assert probe["checkpointed_calls"]["actor"] >= 2, probe["checkpointed_calls"]
-    assert probe["checkpointed_calls"]["critic"] >= 2, probe["checkpointed_calls"]
-    assert probe["actor_training_after_step"] is False and probe["critic_training_after_step"] is False
+    assert probe["checkpointed_calls"]["discriminator"] >= 2, probe["checkpointed_calls"]
+    assert probe["actor_training_after_step"] is False and probe["discriminator_training_after_step"] is False
     assert probe["metrics"]["actor/updated"] == 1.0
     # chunked == plain inside the engine, LM head tied and partitioned
     assert probe["logprob_max_abs_diff"] < 1e-5

@@ -12,7 +12,7 @@ from conftest import BACKENDS, launch, load_weights, read_metrics, tiny_args
 def warmup_output(tiny_model, tmp_path_factory):
     out = tmp_path_factory.mktemp("stages") / "warmup"
     launch("warmup", 1, tiny_args(tiny_model, out, "--rollout.backend", "hf", "--trainer.max_steps", 4,
-                                  "--trainer.critic_warmup", 2))
+                                  "--trainer.discriminator_warmup", 2))
     return out
 
 
@@ -37,13 +37,13 @@ def test_gad_steps_move_actor_and_discriminator_never_the_reference(tiny_model, 
     previous = initial
     for row in steps:
         assert row["digest/actor"] != previous["digest/actor"]
-        assert row["digest/critic"] != previous["digest/critic"]
+        assert row["digest/discriminator"] != previous["digest/discriminator"]
         assert row["digest/ref"] == initial["digest/ref"]
         previous = row
     assert steps[0]["actor/kl"] == pytest.approx(0.0, abs=1e-7)  # policy == reference at the first step
     assert steps[-1]["actor/kl"] > 0
     for key in ("reward/mean", "reward/std", "advantage/mean", "advantage/std", "actor/pg_loss", "actor/clip_fraction",
-                "critic/d_acc", "critic/d_loss", "response_length/mean", "time/generate", "time/critic_update",
+                "discriminator/d_acc", "discriminator/d_loss", "response_length/mean", "time/generate", "time/discriminator_update",
                 "time/ref_log_probs", "time/actor_update"):
         assert all(key in row for row in steps), key
     # GRPO advantages are normalised per prompt group: mean 0 over the batch.
@@ -57,9 +57,9 @@ def test_gad_stage_starts_from_the_warmup_weights_exactly(tiny_model, warmup_out
     discriminator equal the warm-up's final ones tensor for tensor."""
     out = tmp_path / "gad_lr0"
     launch("gad", 1, tiny_args(tiny_model, out, "--trainer.init_from", warmup_output, "--rollout.backend", "hf",
-                               "--trainer.max_steps", 1, "--actor.lr", 0.0, "--critic.lr", 0.0))
+                               "--trainer.max_steps", 1, "--actor.lr", 0.0, "--discriminator.lr", 0.0))
     assert_same_weights(warmup_output / "final" / "actor", out / "final" / "actor")
-    assert_same_weights(warmup_output / "final" / "critic", out / "final" / "critic")
+    assert_same_weights(warmup_output / "final" / "discriminator", out / "final" / "discriminator")
 
 
 @pytest.mark.slow
@@ -68,13 +68,13 @@ def test_frozen_discriminator_reward_is_optimised(tiny_model, warmup_output, tmp
     samples (on a fixed set of prompts, so steps are comparable)."""
     out = tmp_path / "gad_frozen"
     launch("gad", 1, tiny_args(tiny_model, out, "--trainer.init_from", warmup_output, "--rollout.backend", "hf",
-                               "--critic.freeze", "true", "--data.max_rows", 8, "--trainer.epochs", 30,
+                               "--discriminator.freeze", "true", "--data.max_rows", 8, "--trainer.epochs", 30,
                                "--trainer.max_steps", 30, "--actor.lr", 1e-3, "--rollout.max_new_tokens", 32,
                                "--trainer.log_param_digest", "true"))
     rows = read_metrics(out)
     steps = rows[1:]
     assert len(steps) == 30
-    assert all(row["digest/critic"] == rows[0]["digest/critic"] for row in steps)  # frozen
+    assert all(row["digest/discriminator"] == rows[0]["digest/discriminator"] for row in steps)  # frozen
     first = sum(r["reward/mean"] for r in steps[:5]) / 5
     last = sum(r["reward/mean"] for r in steps[-5:]) / 5
     assert last > first + 1.0, (first, last)
@@ -91,15 +91,15 @@ def test_seqkd_learns_and_hands_off_to_warmup(tiny_model, tmp_path):
     assert rows[-1]["actor/sft_loss"] < rows[0]["actor/sft_loss"] - 0.5
     assert [r["step"] for r in rows if "eval/rouge_l" in r] == [4, 8]
     assert all(0.0 <= r["eval/rouge_l"] <= 1.0 for r in rows if "eval/rouge_l" in r)
-    assert not (seqkd / "final" / "critic").exists()  # SeqKD trains no discriminator
+    assert not (seqkd / "final" / "discriminator").exists()  # SeqKD trains no discriminator
 
     warmup = tmp_path / "warmup_from_seqkd"
     launch("warmup", 1, tiny_args(tiny_model, warmup, "--trainer.init_from", seqkd, "--rollout.backend", "hf",
-                                  "--trainer.max_steps", 1, "--trainer.critic_warmup", 5))
+                                  "--trainer.max_steps", 1, "--trainer.discriminator_warmup", 5))
     assert_same_weights(seqkd / "final" / "actor", warmup / "final" / "actor")
     # The discriminator backbone starts from the SeqKD student, not from the original one.
-    critic, student = load_weights(warmup / "final" / "critic"), load_weights(seqkd / "final" / "actor")
-    assert critic["model.norm.weight"].shape == student["model.norm.weight"].shape
+    discriminator, student = load_weights(warmup / "final" / "discriminator"), load_weights(seqkd / "final" / "actor")
+    assert discriminator["model.norm.weight"].shape == student["model.norm.weight"].shape
 
 
 @pytest.mark.slow
@@ -109,6 +109,6 @@ def test_gad_can_inherit_the_warmup_optimizer_states_but_not_its_learning_rate(t
     out = tmp_path / "gad_optim"
     launch("gad", 1, tiny_args(tiny_model, out, "--trainer.init_from", warmup_output, "--rollout.backend", "hf",
                                "--trainer.init_optimizer_states", "true", "--trainer.max_steps", 1,
-                               "--actor.lr", 0.0, "--critic.lr", 0.0))
+                               "--actor.lr", 0.0, "--discriminator.lr", 0.0))
     assert_same_weights(warmup_output / "final" / "actor", out / "final" / "actor")
-    assert_same_weights(warmup_output / "final" / "critic", out / "final" / "critic")
+    assert_same_weights(warmup_output / "final" / "discriminator", out / "final" / "discriminator")

@@ -201,8 +201,8 @@ def test_oracle_reward_and_pooling_flags_are_validated():
         cfg.validate()
     cfg.trainer.diagnostics_teacher = "builtin:kt-teacher"
     cfg.validate()
-    cfg.critic.pooling = "max"
-    with pytest.raises(ValueError, match="critic.pooling"):
+    cfg.discriminator.pooling = "max"
+    with pytest.raises(ValueError, match="discriminator.pooling"):
         cfg.validate()
 
 

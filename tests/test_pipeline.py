@@ -17,7 +17,7 @@ def test_pipeline_runs_every_stage_and_prints_the_table(tiny_model, tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "applications.run_pipeline", "--model", str(tiny_model), "--output-dir", str(out),
          "--with-seqkd", "--eval-prompts", "4", "--eval-max-new-tokens", "16", "--",
-         "--trainer.max_steps", "3", "--trainer.critic_warmup", "1"],
+         "--trainer.max_steps", "3", "--trainer.discriminator_warmup", "1"],
         cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     table = (out / "pipeline_results.md").read_text()

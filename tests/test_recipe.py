@@ -1,6 +1,6 @@
 """Recipe details of issue 11: temperature-scaled log-probs (defaults), one EOS set for both rollout
 backends, the trimmer and the scorer, teacher text encoded as text, per-stage seeds, global
-statistics over the ranks, and the critic_warmup gate in the GAD stage."""
+statistics over the ranks, and the discriminator_warmup gate in the GAD stage."""
 
 from __future__ import annotations
 
@@ -192,14 +192,14 @@ def test_global_stats_pool_every_rank_not_means_of_per_rank_values(tmp_path):
 
 
 @pytest.mark.slow
-def test_gad_stage_honours_critic_warmup(tiny_model, tmp_path):
+def test_gad_stage_honours_discriminator_warmup(tiny_model, tmp_path):
     out = tmp_path / "gad_gate"
     launch("gad", 1, tiny_args(tiny_model, out, "--rollout.backend", "hf", "--trainer.max_steps", 2,
-                               "--trainer.critic_warmup", 1, "--trainer.log_param_digest", "true",
+                               "--trainer.discriminator_warmup", 1, "--trainer.log_param_digest", "true",
                                "--rollout.max_new_tokens", 16))
     initial, first, second = read_metrics(out)
     assert first["actor/updated"] == 0.0 and "actor/pg_loss" not in first
     assert first["digest/actor"] == initial["digest/actor"]
-    assert first["digest/critic"] != initial["digest/critic"]  # the discriminator trains meanwhile
+    assert first["digest/discriminator"] != initial["digest/discriminator"]  # the discriminator trains meanwhile
     assert second["actor/updated"] == 1.0 and "actor/pg_loss" in second
     assert second["digest/actor"] != first["digest/actor"]

@@ -30,7 +30,7 @@ def strict_rows(output_dir: Path) -> list:
 
 def short_args(model, out, *extra, backend="hf", steps=3):
     return tiny_args(model, out, "--rollout.backend", backend, "--trainer.max_steps", steps,
-                     "--trainer.critic_warmup", 0, "--deepspeed.zero_stage", 3, *extra)
+                     "--trainer.discriminator_warmup", 0, "--deepspeed.zero_stage", 3, *extra)
 
 
 class Malicious:
@@ -167,7 +167,7 @@ def test_a_torn_export_is_never_taken_for_a_finished_one(tiny_model, tmp_path):
     result = launch("warmup", 1, short_args(tiny_model, out, steps=2))
     assert "already finished" in result.stdout + result.stderr
     assert (out / "final" / "COMPLETE").exists() and not (out / "final.partial").exists()
-    assert (out / "final" / "critic" / "model.safetensors").exists()
+    assert (out / "final" / "discriminator" / "model.safetensors").exists()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -243,4 +243,4 @@ def test_gad_stage_logs_the_models_it_starts_from(tiny_model, finished_run, tmp_
     result = launch("gad", 1, short_args(tiny_model, tmp_path / "gad", "--trainer.init_from", finished_run, steps=1))
     text = result.stdout + result.stderr
     assert (f"stage gad starts from actor {finished_run / 'final' / 'actor'} and discriminator "
-            f"{finished_run / 'final' / 'critic'}") in text
+            f"{finished_run / 'final' / 'discriminator'}") in text

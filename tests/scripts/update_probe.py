@@ -61,7 +61,7 @@ out["grad_rel_diff"] = diffs
 out["grad_norm"] = float(sum(g.norm() ** 2 for g in plain[1].values() if g is not None) ** 0.5)
 
 # (2) activation checkpointing during one real step
-counts = {"actor": 0, "critic": 0}
+counts = {"actor": 0, "discriminator": 0}
 
 
 def wrap(module, key):
@@ -78,13 +78,13 @@ def wrap(module, key):
 
 
 wrap(engine.actor.module, "actor")
-if engine.critic is not None:
-    wrap(engine.critic.module, "critic")
+if engine.discriminator is not None:
+    wrap(engine.discriminator.module, "discriminator")
 step_batch = [trainer.examples[i] for i in trainer.schedule.rank_indices(0)]
 metrics = trainer.step_fn(0, step_batch)
 out["checkpointed_calls"] = counts
 out["actor_training_after_step"] = engine.actor.module.training
-out["critic_training_after_step"] = None if engine.critic is None else engine.critic.module.training
+out["discriminator_training_after_step"] = None if engine.discriminator is None else engine.discriminator.module.training
 out["metrics"] = {k: v for k, v in metrics.items() if isinstance(v, float)}
 if runtime.is_rank0():
     with open(os.environ["PROBE_OUT"], "w") as handle:
