@@ -1,0 +1,125 @@
+"""Run the three stages (SeqKD, warm-up, GAD) on the CPU default with a fixed seed and write every
+step's metrics (timings, throughput and memory left out) to one JSON file; ``--compare A B`` checks
+that two such files are bit-identical.
+
+Used to show that a refactor of the stage code changed no number: record on the commit before it,
+record after it, compare. The checkout to run is ``--repo`` (default: this one), so the same script
+records an older commit from a ``git worktree``:
+
+    python benchmarks/stage_parity.py --out /tmp/after.json
+    git worktree add /tmp/before <commit> && python benchmarks/stage_parity.py --repo /tmp/before --out /tmp/before.json
+    python benchmarks/stage_parity.py --compare /tmp/before.json /tmp/after.json
+
+Metric and flag names renamed by the refactor (``critic`` -> ``discriminator``) are mapped before the
+comparison. Each stage runs under the ``deepspeed`` launcher with 2 ranks at ZeRO-3 (the default),
+on the rollout backend named by ``--backend``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent.parent
+VOLATILE = ("time/", "throughput/", "mem/")
+RENAMES = (("critic/", "discriminator/"), ("digest/critic", "digest/discriminator"))
+
+
+def _port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _flags(repo: Path, section: str) -> str:
+    """The discriminator's flag section in ``repo`` (``critic`` before the rename)."""
+    text = (repo / "gadchat" / "config.py").read_text()
+    return "discriminator" if "class DiscriminatorConfig" in text else "critic"
+
+
+def run_stages(repo: Path, backend: str, workdir: Path) -> dict:
+    d = _flags(repo, "discriminator")
+    gate = "discriminator_warmup" if d == "discriminator" else "critic_warmup"
+    common = ["--config", str(repo / "configs" / "cpu_tiny.yaml"), "--trainer.progress_bar", "false",
+              "--trainer.tensorboard", "false", "--trainer.log_param_digest", "true",
+              "--rollout.backend", backend, "--trainer.seed", "7", "--data.max_rows", "64",
+              "--rollout.max_new_tokens", "24"]
+    stages = {
+        "seqkd": ("step1_seqkd", ["--trainer.max_steps", "3"]),
+        "warmup": ("step2_warmup", ["--trainer.max_steps", "3", f"--trainer.{gate}", "1"]),
+        "gad": ("step3_gad", ["--trainer.max_steps", "3", "--trainer.init_from", str(workdir / "warmup"),
+                              "--actor.ppo_epochs", "2", "--actor.mini_batches", "2", "--actor.entropy_coef", "0.01"]),
+    }
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(repo))
+    out = {}
+    for stage, (step, extra) in stages.items():
+        target = workdir / stage
+        command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(_port()),
+                   str(repo / "training" / step / "main.py"), *common, "--trainer.output_dir", str(target), *extra]
+        result = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise SystemExit(f"{stage} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+        rows = [json.loads(line) for line in (target / "metrics.jsonl").read_text().splitlines()]
+        out[stage] = [{key: value for key, value in row.items() if not key.startswith(VOLATILE)} for row in rows]
+    return out
+
+
+def normalise(rows: list) -> list:
+    out = []
+    for row in rows:
+        renamed = {}
+        for key, value in row.items():
+            for old, new in RENAMES:
+                if key.startswith(old):
+                    key = new + key[len(old):]
+            renamed[key] = value
+        out.append(renamed)
+    return out
+
+
+def compare(a: dict, b: dict) -> list:
+    problems = []
+    for stage in sorted(set(a) | set(b)):
+        rows_a, rows_b = normalise(a.get(stage, [])), normalise(b.get(stage, []))
+        if len(rows_a) != len(rows_b):
+            problems.append(f"{stage}: {len(rows_a)} rows vs {len(rows_b)}")
+            continue
+        for index, (row_a, row_b) in enumerate(zip(rows_a, rows_b)):
+            for key in sorted(set(row_a) | set(row_b)):
+                if row_a.get(key, "missing") != row_b.get(key, "missing"):
+                    problems.append(f"{stage} row {index} {key}: {row_a.get(key, 'missing')!r} vs {row_b.get(key, 'missing')!r}")
+    return problems
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repo", default=str(HERE), help="checkout whose stages run (default: this one)")
+    parser.add_argument("--backend", default="hf", choices=("hf", "vllm"))
+    parser.add_argument("--out", help="JSON file to write the metrics to")
+    parser.add_argument("--compare", nargs=2, metavar=("BEFORE", "AFTER"), help="compare two recorded files")
+    args = parser.parse_args(argv)
+    if args.compare:
+        before, after = (json.loads(Path(p).read_text()) for p in args.compare)
+        problems = compare(before, after)
+        keys = sum(len(row) for rows in before.values() for row in rows)
+        print(f"{len(problems)} differences over {keys} values" + ("" if not problems else ":"))
+        for line in problems[:50]:
+            print("  " + line)
+        return 1 if problems else 0
+    if not args.out:
+        parser.error("--out is required unless --compare")
+    with tempfile.TemporaryDirectory() as workdir:
+        metrics = run_stages(Path(args.repo).resolve(), args.backend, Path(workdir))
+    Path(args.out).write_text(json.dumps(metrics, indent=1))
+    print(f"wrote {args.out}: " + ", ".join(f"{k} {len(v)} rows" for k, v in metrics.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
