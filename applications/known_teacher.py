@@ -13,7 +13,7 @@ optimizer steps (``seqkd`` steps = warm-up actor steps + GAD steps):
 - ``gad_frozen``: the same with the discriminator frozen (the reward-hacking ablation).
 
 Each arm is evaluated on the held-out prompts (:func:`gadchat.known_teacher.evaluate_against_teacher`);
-the GAD stages log the reward diagnostics (``--trainer.diagnostics_teacher``). Output: per-seed
+the GAD stages log the reward diagnostics (``--model.teacher_path``). Output: per-seed
 results, ``results.json``, ``results.md`` (mean and spread over seeds) and PNG plots.
 
     python -m applications.known_teacher --seeds 42 43 44 --output-dir outputs/known_teacher
@@ -114,7 +114,7 @@ def train_seed(seed: int, arms: list, paths: dict, args, extra: list) -> dict:
             common = ["--config", RECIPE, "--data.train_files", paths["train"], "--data.eval_files", paths["test"],
                       "--trainer.seed", seed, "--trainer.tensorboard", "true"]
             if stage != "seqkd" and not args.no_diagnostics:
-                common += ["--trainer.diagnostics_teacher", paths["teacher"]]
+                common += ["--model.teacher_path", paths["teacher"]]
             init = runs[init_name] if init_name else None
             wall[name] = run_stage(stage, launcher, output, init, [str(v) for v in common + flags + extra])
             runs[name] = output

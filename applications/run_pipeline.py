@@ -27,13 +27,14 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-STEPS = {"seqkd": "step1_seqkd", "warmup": "step2_warmup", "gad": "step3_gad"}
 DEPLOYMENTS = ("cpu", "single_gpu", "single_node", "multi_node")
 
 
 def stage_script(stage: str, deployment: str) -> Path:
     name = "run_tiny.sh" if deployment == "cpu" else "run_qwen2.5_7b.sh"
-    return REPO / "training" / STEPS[stage] / "training_scripts" / deployment / name
+    from gadchat.stages import step_main
+
+    return step_main(stage).parent / "training_scripts" / deployment / name
 
 
 def last_mean(rows: list, key: str, count: int = 5):

@@ -1,5 +1,5 @@
 """Measurement 6: the discriminator stage with the teacher sequence scored once per prompt (what
-gadchat.trainer.update_discriminator does, gadchat.losses.bradley_terry_loss broadcasting) vs once
+gadchat.stages.common.discriminator_update does, gadchat.losses.bradley_terry_loss broadcasting) vs once
 per sample (the teacher sequence repeated n times, paired one to one), n = 8.
 
 One Bradley-Terry update = forward + backward over the micro-batches of prompts + one AdamW step,
@@ -45,7 +45,7 @@ def main(argv=None):
 
     from gadchat.config import DataConfig
     from gadchat.data import load_teacher_data
-    from gadchat.engine import SequenceBatch
+    from gadchat.batch import SequenceBatch
     from gadchat.losses import bradley_terry_loss
     from gadchat.models import load_discriminator, load_tokenizer, resolve_model_path
     from gadchat.rollout import VLLMRollout

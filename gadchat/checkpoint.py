@@ -64,23 +64,22 @@ def export_complete(output_dir) -> bool:
     return (final_dir(output_dir) / COMPLETE).exists()
 
 
-def handoff_paths(cfg) -> tuple:
-    """Model folders a stage starts from: ``trainer.init_from``'s exported final actor and
-    discriminator, or the configured model paths."""
+def handoff_paths(cfg, roles: dict) -> dict:
+    """``{role: folder}`` of ``trainer.init_from``'s exported final models, for the roles this
+    stage declares (empty without ``init_from``); a declared role the previous stage did not export
+    starts from its configured source, with a warning for a discriminator."""
     if not cfg.trainer.init_from:
-        return None, None
+        return {}
     source = final_dir(cfg.trainer.init_from)
-    actor = source / "actor"
     if not export_complete(cfg.trainer.init_from):
         raise CheckpointError(
             f"trainer.init_from={cfg.trainer.init_from}: no complete export at {source} (no {source / COMPLETE}; "
             "did that stage finish with --trainer.export_hf true? rerun it to finish its export)")
-    discriminator = source / "discriminator"
-    discriminator_path = str(discriminator) if (discriminator / "config.json").exists() else None
-    if cfg.trainer.stage == "gad" and discriminator_path is None:
-        logger.warning("trainer.init_from=%s has no discriminator; the GAD stage starts from a fresh one",
-                       cfg.trainer.init_from)
-    return str(actor), discriminator_path
+    found = {name: str(source / name) for name in roles if (source / name / "config.json").exists()}
+    if "discriminator" in roles and "discriminator" not in found:
+        logger.warning("trainer.init_from=%s has no discriminator; the %s stage starts from a fresh one",
+                       cfg.trainer.init_from, cfg.trainer.stage)
+    return found
 
 
 # ----------------------------------------------------------------------------------------------
@@ -267,30 +266,29 @@ def model_signature(module) -> dict:
 
 
 class CheckpointManager:
-    def __init__(self, trainer):
-        self.trainer = trainer
-        self.root = checkpoint_root(trainer.output_dir)
+    """Resumable checkpoints of a stage's trained roles, and the final export of its exported roles."""
+
+    def __init__(self, cfg, engine, rank: int, world_size: int, num_rows: int, total_steps: int):
+        self.cfg, self.engine, self.rank, self.world_size = cfg, engine, rank, world_size
+        self.num_rows, self.total_steps = num_rows, total_steps
+        self.output_dir = Path(cfg.trainer.output_dir)
+        self.root = checkpoint_root(self.output_dir)
 
     def _engines(self):
-        """The engines whose state a checkpoint holds: the trained ones (a frozen discriminator
-        is re-loaded from its source at every start, like the reference)."""
-        engine = self.trainer.engine
-        out = {"actor": engine.actor}
-        if engine.discriminator is not None and engine.discriminator_trainable:
-            out["discriminator"] = engine.discriminator
-        return out
+        """The engines whose state a checkpoint holds: the trained roles (a frozen role, such as
+        the reference or a frozen discriminator, is re-loaded from its source at every start)."""
+        return self.engine.trained_models()
 
     def _state(self, step: int) -> dict:
-        tr = self.trainer
         return {
-            "stage": tr.cfg.trainer.stage,
+            "stage": self.cfg.trainer.stage,
             "step": step,
-            "total_steps": tr.total_steps,
-            "world_size": tr.world_size,
-            "seed": tr.cfg.trainer.seed,
-            "num_rows": len(tr.examples),
-            "prompts_per_step": tr.cfg.trainer.prompts_per_step,
-            "zero_stage": tr.cfg.deepspeed.zero_stage,
+            "total_steps": self.total_steps,
+            "world_size": self.world_size,
+            "seed": self.cfg.trainer.seed,
+            "num_rows": self.num_rows,
+            "prompts_per_step": self.cfg.trainer.prompts_per_step,
+            "zero_stage": self.cfg.deepspeed.zero_stage,
             "models": {name: model_signature(e.module) for name, e in self._engines().items()},
         }
 
@@ -299,26 +297,25 @@ class CheckpointManager:
         return sum(model_signature(e.module)["numel"] for e in self._engines().values()) * CHECKPOINT_BYTES_PER_PARAM
 
     def save(self, step: int) -> Path:
-        tr = self.trainer
         step_dir = self.root / f"step_{step:08d}"
-        with tr.engine.timer("checkpoint"):
+        with self.engine.timer("checkpoint"):
             require_free_space(self.root, self.checkpoint_bytes(), f"the step-{step} checkpoint")
             try:
-                if tr.rank == 0:
+                if self.rank == 0:
                     if step_dir.exists():  # a torn earlier attempt at this step
                         shutil.rmtree(step_dir)
                     step_dir.mkdir(parents=True)
                 runtime.barrier()
                 for name, engine in self._engines().items():
                     engine.save_checkpoint(str(step_dir), tag=name, save_latest=False)
-                torch.save(runtime.rng_state(), step_dir / f"rng_rank{tr.rank}.pt")
-                if tr.rank == 0:
+                torch.save(runtime.rng_state(), step_dir / f"rng_rank{self.rank}.pt")
+                if self.rank == 0:
                     self._save_hf_metadata(step_dir)
             except (OSError, RuntimeError) as exc:
                 raise _disk_error(step_dir, f"the step-{step} checkpoint", exc) from exc
             runtime.barrier()
             _fault_injection_point("checkpoint_written_before_latest", step)
-            if tr.rank == 0:
+            if self.rank == 0:
                 _write_atomic(step_dir / STATE_FILE, json.dumps(self._state(step), indent=2))
                 _write_atomic(self.root / LATEST, step_dir.name)
                 self._rotate()
@@ -326,18 +323,17 @@ class CheckpointManager:
         return step_dir
 
     def _save_hf_metadata(self, step_dir: Path):
-        engine = self.trainer.engine
-        for name, e in self._engines().items():
+        for name in self._engines():
             folder = step_dir / f"{name}_hf"
             folder.mkdir(exist_ok=True)
-            module = e.module.seqcls if name == "discriminator" else e.module
+            module = self.engine.hf_module(name)
             module.config.save_pretrained(folder)
             if name == "actor" and getattr(module, "generation_config", None) is not None:
                 module.generation_config.save_pretrained(folder)
-            engine.tokenizer.save_pretrained(folder)
+            self.engine.tokenizer.save_pretrained(folder)
 
     def _rotate(self):
-        keep = max(1, self.trainer.cfg.trainer.keep_last)
+        keep = max(1, self.cfg.trainer.keep_last)
         steps = sorted(p for p in self.root.glob("step_*") if p.is_dir())
         current = (self.root / LATEST).read_text().strip()
         for old in steps[:-keep]:
@@ -346,24 +342,24 @@ class CheckpointManager:
 
     def maybe_resume(self) -> int:
         """Load the checkpoint ``trainer.resume`` asks for; returns the step to start at."""
-        tr = self.trainer
-        mode = tr.cfg.trainer.resume
+        t = self.cfg.trainer
+        mode = t.resume
         if mode == "none":
             step_dir = None
         elif mode == "auto":
-            step_dir = latest_checkpoint(tr.output_dir)
+            step_dir = latest_checkpoint(self.output_dir)
         else:
             step_dir = latest_checkpoint(mode)
             if step_dir is None:
                 raise CheckpointError(f"trainer.resume={mode}: no checkpoint there (no {LATEST} file or {STATE_FILE})")
         if step_dir is None:
-            if tr.cfg.trainer.init_from and tr.cfg.trainer.init_optimizer_states:
-                self._load_optimizer_states_from(tr.cfg.trainer.init_from)
+            if t.init_from and t.init_optimizer_states:
+                self._load_optimizer_states_from(t.init_from)
             return 0
         state = read_state(step_dir)
         self._check_compatible(step_dir, state)
         self._load_engines(step_dir)
-        rng_file = step_dir / f"rng_rank{tr.rank}.pt"
+        rng_file = step_dir / f"rng_rank{self.rank}.pt"
         if not rng_file.exists():
             raise CheckpointError(f"{rng_file} is missing: the checkpoint was written by fewer ranks")
         try:
@@ -372,19 +368,19 @@ class CheckpointManager:
             if isinstance(exc, CheckpointError):
                 raise
             raise CheckpointError(f"{rng_file} is not an RNG state of this version ({type(exc).__name__}: {exc})") from exc
-        if tr.rank == 0:
-            logger.info("resumed %s from %s at step %d/%d", state["stage"], step_dir, state["step"], tr.total_steps)
+        if self.rank == 0:
+            logger.info("resumed %s from %s at step %d/%d", state["stage"], step_dir, state["step"], self.total_steps)
         return int(state["step"])
 
     def _check_compatible(self, step_dir: Path, state: dict):
-        tr = self.trainer
+        cfg = self.cfg
         problems = []
-        if state.get("stage") != tr.cfg.trainer.stage:
-            problems.append(f"it is a {state.get('stage')!r} checkpoint, this run is the {tr.cfg.trainer.stage!r} stage")
-        if state.get("world_size") != tr.world_size:
-            problems.append(f"it was written by {state.get('world_size')} ranks, this run has {tr.world_size}")
-        for key, mine in (("num_rows", len(tr.examples)), ("prompts_per_step", tr.cfg.trainer.prompts_per_step),
-                          ("seed", tr.cfg.trainer.seed), ("zero_stage", tr.cfg.deepspeed.zero_stage)):
+        if state.get("stage") != cfg.trainer.stage:
+            problems.append(f"it is a {state.get('stage')!r} checkpoint, this run is the {cfg.trainer.stage!r} stage")
+        if state.get("world_size") != self.world_size:
+            problems.append(f"it was written by {state.get('world_size')} ranks, this run has {self.world_size}")
+        for key, mine in (("num_rows", self.num_rows), ("prompts_per_step", cfg.trainer.prompts_per_step),
+                          ("seed", cfg.trainer.seed), ("zero_stage", cfg.deepspeed.zero_stage)):
             if state.get(key) != mine:
                 problems.append(f"{key} was {state.get(key)}, this run has {mine}")
         for name, engine in self._engines().items():
@@ -423,14 +419,13 @@ class CheckpointManager:
             if path is None:
                 raise CheckpointError(f"{step_dir / name}: DeepSpeed found no {name} checkpoint there")
         self._apply_configured_hyperparameters()
-        self.trainer.engine.mark_actor_updated()
+        self.engine.mark_actor_updated()
 
     def _apply_configured_hyperparameters(self):
         """Loaded optimizer states carry the learning rate, betas and weight decay they were saved
         with; this run's configuration wins (a GAD stage must not inherit the warm-up's LR)."""
-        cfg = self.trainer.cfg
         for name, engine in self._engines().items():
-            section = cfg.actor if name == "actor" else cfg.discriminator
+            section = self.engine.optimizer_section(name)
             betas = parse_betas(section.betas)
             for group in engine.optimizer.param_groups:
                 group["lr"], group["weight_decay"] = section.lr, section.weight_decay
@@ -442,24 +437,21 @@ class CheckpointManager:
     def export_final(self) -> Path:
         """Hugging Face folders of the actor (and discriminator), written to ``final.partial/``,
         marked ``COMPLETE`` and renamed to ``final/``: a kill at any point leaves no torn ``final/``."""
-        tr = self.trainer
-        out = final_dir(tr.output_dir)
+        out = final_dir(self.output_dir)
         partial = out.with_name(out.name + ".partial")
-        engine = tr.engine
-        modules = {"actor": engine.actor.module}
-        if engine.discriminator is not None:
-            modules["discriminator"] = engine.discriminator.module.seqcls
+        engine = self.engine
+        modules = engine.exported_modules()
         with engine.timer("export"):
             needed = sum(model_signature(m)["numel"] for m in modules.values()) * torch.finfo(engine.dtype).bits // 8
-            require_free_space(tr.output_dir, needed, "the final export")
-            if tr.rank == 0 and partial.exists():
+            require_free_space(self.output_dir, needed, "the final export")
+            if self.rank == 0 and partial.exists():
                 shutil.rmtree(partial)
             runtime.barrier()
             try:
                 for name, module in modules.items():
                     export_live(module, partial / name, engine.tokenizer, zero3=engine.zero3)
                     _fault_injection_point(f"export_wrote_{name}", 0)
-                if tr.rank == 0:
+                if self.rank == 0:
                     _write_atomic(partial / COMPLETE, "\n".join(modules) + "\n")
                     if out.exists():
                         shutil.rmtree(out)

@@ -18,7 +18,8 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-STAGES = ("seqkd", "warmup", "gad")
+from gadchat.config_docs import help_text
+
 DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
 
 
@@ -29,6 +30,13 @@ class ModelConfig:
     tiny random Qwen2 with a tokenizer trained on the shipped data (CPU default)."""
     discriminator_path: str = ""
     """Discriminator backbone; empty = initialise from the student (the paper's choice)."""
+    teacher_path: str = ""
+    """A teacher model we hold (white-box): folder, hub id or ``builtin:`` name, sharing the
+    student's tokenizer. Stages that declare a ``teacher`` role load it frozen (ZeRO-3 like the
+    reference). In the warm-up and GAD stages it is read only, to log what the discriminator's
+    reward follows (``diag/...``: correlation with the teacher's likelihood and with ``log p_T -
+    log p_S``, length, EOS; teacher NLL and reverse KL of the rollouts) and for
+    ``--trainer.oracle_reward``. Empty = no teacher role."""
     tokenizer_path: str = ""
     """Empty = the actor's folder."""
     attn_implementation: str = "auto"
@@ -169,15 +177,10 @@ class TrainerConfig:
     progress_bar: bool = True
     log_param_digest: bool = False
     """Log ``digest/actor`` and ``digest/discriminator`` (sums over all weights) each step: which models moved."""
-    diagnostics_teacher: str = ""
-    """Warm-up and GAD: a teacher model we hold (folder or ``builtin:`` name), read only to log what
-    the discriminator's reward follows (``diag/...``: correlation with the teacher's likelihood and
-    with ``log p_T - log p_S``, length, EOS; teacher NLL and reverse KL of the rollouts). Never
-    enters a loss; a full copy per rank. Empty = off."""
     oracle_reward: bool = False
     """GAD stage, diagnostic upper bound only (white-box, not GAD): replace the discriminator's reward
     by the teacher's sequence log-ratio ``log p_T(y|x) - log p_S(y|x)`` computed with
-    ``--trainer.diagnostics_teacher`` (the Bayes-optimal discriminator; GRPO on it minimises the
+    ``--model.teacher_path`` (the Bayes-optimal discriminator; GRPO on it minimises the
     reverse KL). Shows what the policy-gradient stage reaches when the reward points at the teacher."""
     verify_rollout_sync: bool = False
     """After each weight push, check that vLLM's greedy output equals the actor's own (slow; a debug aid)."""
@@ -260,11 +263,14 @@ def value_problems(cfg: "GADConfig") -> list:
         need(value in options, flag, "one of " + ", ".join(map(str, options)), value)
 
     t, r, d, a, c = cfg.trainer, cfg.rollout, cfg.data, cfg.actor, cfg.discriminator
-    choice("trainer.stage", t.stage, STAGES)
+    from gadchat.stages import RECIPES
+
+    choice("trainer.stage", t.stage, tuple(RECIPES))
+    recipe = RECIPES.get(t.stage)
     choice("rollout.backend", r.backend, ("auto", "vllm", "hf"))
     choice("discriminator.pooling", c.pooling, ("last", "sum", "mean"))
-    need(not t.oracle_reward or bool(t.diagnostics_teacher), "trainer.oracle_reward",
-         "false unless --trainer.diagnostics_teacher names the teacher whose log-ratio is the reward", t.oracle_reward)
+    need(not t.oracle_reward or bool(cfg.model.teacher_path), "trainer.oracle_reward",
+         "false unless --model.teacher_path names the teacher whose log-ratio is the reward", t.oracle_reward)
     choice("data.overlong", d.overlong, ("skip", "error"))
     choice("deepspeed.zero_stage", cfg.deepspeed.zero_stage, (0, 1, 2, 3))
     choice("model.dtype", cfg.model.dtype, DTYPES)
@@ -273,9 +279,7 @@ def value_problems(cfg: "GADConfig") -> list:
     need(bool(str(d.train_files).strip()), "data.train_files", "one or more files", d.train_files)
     need(bool(str(t.output_dir).strip()), "trainer.output_dir", "a folder", t.output_dir)
     # rollout
-    min_n = 2 if t.stage == "gad" else 1
-    rule_n = ">= 2 in the GAD stage (GRPO advantages of a single sample are 0)" if t.stage == "gad" else ">= 1"
-    need(isinstance(r.n, int) and r.n >= min_n, "rollout.n", rule_n, r.n)
+    need(isinstance(r.n, int) and r.n >= 1, "rollout.n", ">= 1", r.n)
     number("rollout.temperature", r.temperature, 0, low_open=True)
     number("rollout.top_p", r.top_p, 0, 1, low_open=True)
     number("rollout.max_new_tokens", r.max_new_tokens, 1)
@@ -285,9 +289,10 @@ def value_problems(cfg: "GADConfig") -> list:
     number("rollout.sync_bucket_mb", r.sync_bucket_mb, 0, low_open=True)
     number("rollout.hf_micro_batch_size", r.hf_micro_batch_size, 1)
     # optimizers
-    trains_discriminator = t.stage != "seqkd" and not (t.stage == "gad" and c.freeze)
-    for name, section, trained in (("actor", a, True), ("discriminator", c, trains_discriminator)):
-        if trained:
+    stage_roles = recipe.roles(cfg) if recipe is not None else {}
+    trained = {role.optimizer_section for role in stage_roles.values() if role.trains}
+    for name, section in (("actor", a), ("discriminator", c)):
+        if name in trained:
             number(f"{name}.lr", section.lr, 0)  # 0 = weights held (hand-off probes); negative is refused
         number(f"{name}.weight_decay", section.weight_decay, 0)
         number(f"{name}.grad_clip", section.grad_clip, 0)
@@ -322,6 +327,8 @@ def value_problems(cfg: "GADConfig") -> list:
     number("trainer.eval_every", t.eval_every, 0)
     number("trainer.eval_prompts", t.eval_prompts, 1)
     need(bool(str(t.resume).strip()), "trainer.resume", "auto, none or a checkpoint folder", t.resume)
+    if recipe is not None:  # the stage's own rules (e.g. GAD's n >= 2)
+        problems.extend(recipe.config_problems(cfg))
     return problems
 
 
@@ -336,7 +343,7 @@ def path_problems(cfg: "GADConfig") -> list:
     problems = []
     for flag, value in (("model.actor_path", cfg.model.actor_path), ("model.discriminator_path", cfg.model.discriminator_path),
                         ("model.tokenizer_path", cfg.model.tokenizer_path),
-                        ("trainer.diagnostics_teacher", cfg.trainer.diagnostics_teacher)):
+                        ("model.teacher_path", cfg.model.teacher_path)):
         if value and not value.startswith("builtin:") and looks_like_local_path(value):
             path = Path(value).expanduser()
             if not path.exists():
@@ -365,14 +372,6 @@ def path_problems(cfg: "GADConfig") -> list:
         if parent is not None and not parent.is_dir():
             problems.append(f"--trainer.output_dir {out}: {parent} is a file, not a folder")
     return problems
-
-
-# Published per-stage defaults that differ from the dataclass defaults (DESIGN.md section 2).
-STAGE_DEFAULTS: dict[str, dict[str, dict]] = {
-    "seqkd": {"actor": {"lr": 5e-6, "kl_coef": 0.0}, "trainer": {"epochs": 3.0, "discriminator_warmup": 0}},
-    "warmup": {"trainer": {"discriminator_warmup": 10}},
-    "gad": {"trainer": {"discriminator_warmup": 0, "epochs": 2.0}},
-}
 
 
 def parse_betas(text: str) -> tuple:
@@ -444,7 +443,7 @@ def build_parser(description: str = "GAD-Chat training") -> argparse.ArgumentPar
                 dest=f"{section_name}.{f.name}",
                 type=_parse_bool if kind is bool else kind,
                 default=None,
-                help=f"(default: {getattr(obj, f.name)!r})",
+                help=f"{help_text(type(obj), f.name)} (default: {getattr(obj, f.name)!r})".lstrip(),
             )
     return parser
 
@@ -477,7 +476,10 @@ def load_config(argv=None, stage: str | None = None, description: str = "GAD-Cha
     yaml_stage = yaml_trainer.get("stage") if isinstance(yaml_trainer, dict) else None
     yaml_stage = yaml_stage if isinstance(yaml_stage, str) else None
     chosen_stage = stage or getattr(args, "trainer.stage") or yaml_stage or "warmup"
-    apply_overrides(cfg, STAGE_DEFAULTS.get(chosen_stage, {}), f"stage defaults ({chosen_stage})")
+    from gadchat.stages import RECIPES
+
+    if chosen_stage in RECIPES:  # an unknown name is refused by validate(), naming the stages
+        apply_overrides(cfg, RECIPES[chosen_stage].defaults, f"stage defaults ({chosen_stage})")
     cfg.trainer.stage = chosen_stage
     if args.config:
         apply_overrides(cfg, from_yaml, str(path))

@@ -1,134 +1,31 @@
-"""The hybrid engine: actor, reference and discriminator as DeepSpeed engines plus a colocated
-rollout engine whose weights follow the actor.
+"""The hybrid engine: the roles a stage declares (actor, reference, discriminator, teacher) as
+DeepSpeed engines, plus a colocated rollout engine whose weights follow the actor.
 
 SPMD: every rank builds the same engines; ZeRO-3 shards live on all ranks and every collective
 (parameter gathers, the weight push) runs in lock-step. The engine provides the primitives the
-stage loops in :mod:`gadchat.trainer` are written with: ``generate``, ``sync_rollout_weights``,
-per-token log-probs, discriminator scores, and ``accumulate`` (micro-batched backward with one
-optimizer step).
+stage recipes in :mod:`gadchat.stages` are written with: ``generate``, per-token log-probs,
+discriminator scores, and ``update`` (one optimizer step over a plain loop of micro-batches).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import time
-from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from gadchat import roles as role_kinds
 from gadchat import runtime
+from gadchat.batch import SequenceBatch
 from gadchat.config import GADConfig, parse_betas
-from gadchat.losses import chunked_token_log_probs, token_entropy, token_log_probs
+from gadchat.logprobs import sequence_log_probs
 from gadchat.models import (attn_implementation, eos_token_ids, load_causal_lm, load_discriminator,
                             load_generation_config, load_tokenizer, resolve_model_path)
 from gadchat.rollout import HFRollout, VLLMRollout, choose_backend
+from gadchat.timing import PhaseTimer
 
 logger = logging.getLogger(__name__)
-
-
-class PhaseTimer:
-    """Wall time per named phase; ``timings()`` returns and clears them (seconds).
-
-    On a GPU it also records each phase's peak GPU memory: ``mem/<phase>_peak_gib`` (the torch
-    allocator's peak during the phase, vLLM's weights and KV cache included) and
-    ``mem/<phase>_device_gib`` (the device's used memory at the end of the phase, every allocator)."""
-
-    def __init__(self):
-        self._times = defaultdict(float)
-        self._memory = {}
-
-    @contextlib.contextmanager
-    def __call__(self, name: str):
-        cuda = runtime.has_cuda()
-        if cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            if cuda:
-                torch.cuda.synchronize()
-            self._times[name] += time.perf_counter() - start
-            if cuda:
-                free, total = torch.cuda.mem_get_info()
-                peak = torch.cuda.max_memory_allocated() / 2**30
-                self._memory[f"mem/{name}_peak_gib"] = max(peak, self._memory.get(f"mem/{name}_peak_gib", 0.0))
-                self._memory[f"mem/{name}_device_gib"] = (total - free) / 2**30
-
-    def timings(self) -> dict:
-        out = {f"time/{k}": v for k, v in self._times.items()}
-        out.update(self._memory)
-        self._times.clear()
-        self._memory.clear()
-        return out
-
-
-@dataclass
-class SequenceBatch:
-    """Right-padded ``prompt ++ response`` sequences.
-
-    ``response_mask[b, t] = 1`` where token ``t`` belongs to the response (up to and including its
-    EOS); ``last_index[b]`` is the position of the last valid token, where the discriminator scores.
-    """
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    response_mask: torch.Tensor
-    last_index: torch.Tensor
-
-    @classmethod
-    def build(cls, prompts: list, responses: list, pad_token_id: int) -> "SequenceBatch":
-        lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
-        width = max(lengths)
-        size = len(prompts)
-        input_ids = torch.full((size, width), pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((size, width), dtype=torch.long)
-        response_mask = torch.zeros((size, width), dtype=torch.float32)
-        for row, (prompt, response) in enumerate(zip(prompts, responses)):
-            input_ids[row, : lengths[row]] = torch.tensor(list(prompt) + list(response), dtype=torch.long)
-            attention_mask[row, : lengths[row]] = 1
-            response_mask[row, len(prompt) : lengths[row]] = 1.0
-        last_index = torch.tensor(lengths, dtype=torch.long) - 1
-        return cls(input_ids, attention_mask, response_mask, last_index)
-
-    def __len__(self):
-        return self.input_ids.shape[0]
-
-    def slice(self, start: int, end: int) -> "SequenceBatch":
-        """Rows ``start:end``, trimmed to their own longest sequence."""
-        width = int(self.last_index[start:end].max().item()) + 1
-        return SequenceBatch(
-            self.input_ids[start:end, :width],
-            self.attention_mask[start:end, :width],
-            self.response_mask[start:end, :width],
-            self.last_index[start:end],
-        )
-
-    def with_final_token(self, eos_ids, canonical: int) -> "SequenceBatch":
-        """A copy whose last valid token is ``canonical`` wherever it is one of ``eos_ids``: the
-        discriminator then scores every sequence ending in any EOS of the set (a student sample
-        may stop on ``<|endoftext|>``) on the same token as the teacher sequences."""
-        rows = torch.arange(len(self))
-        last = self.input_ids[rows, self.last_index]
-        hit = torch.isin(last, torch.tensor(sorted(eos_ids), dtype=last.dtype, device=last.device)) & (last != canonical)
-        if not bool(hit.any()):
-            return self
-        input_ids = self.input_ids.clone()
-        input_ids[rows[hit], self.last_index[hit]] = canonical
-        return SequenceBatch(input_ids, self.attention_mask, self.response_mask, self.last_index)
-
-    def to(self, dev) -> "SequenceBatch":
-        return SequenceBatch(*(t.to(dev) for t in (self.input_ids, self.attention_mask, self.response_mask, self.last_index)))
-
-    @property
-    def target_mask(self) -> torch.Tensor:
-        """Response mask aligned with next-token log-probs (positions ``1..T-1``)."""
-        return self.response_mask[:, 1:]
 
 
 def deepspeed_config(cfg: GADConfig, lr_section, train: bool, dtype: torch.dtype) -> dict:
@@ -179,59 +76,144 @@ def _optimizer(params, section):
     return torch.optim.AdamW(params, **kwargs)
 
 
-class HybridEngine:
-    """Holds ``actor``, ``ref``, ``discriminator`` (DeepSpeed engines) and ``rollout`` for one stage."""
+class ModelUpdate:
+    """One optimizer step of one model over a plain loop of ``micro_batches`` backward passes::
 
-    def __init__(self, cfg: GADConfig, rank: int, world_size: int, need_discriminator: bool = True,
-                 need_ref: bool | None = None, actor_path: str | None = None, discriminator_path: str | None = None):
+        with engine.update("actor", len(parts)) as update:
+            for part in parts:
+                update.backward(loss_of(part))   # the part's share of the batch loss
+
+    The model is in training mode inside the block (transformers checkpoints activations only when
+    ``training`` is true; dropout, where a model has any) and back in eval mode after it: rollouts,
+    reference, old-log-prob and scoring passes run in eval mode, as in verl. The gradient-accumulation
+    boundary is set by hand at the last planned backward, so the number of micro-batches may vary
+    from step to step; the optimizer steps when the block ends. ``loss`` is the batch loss (the
+    sum of the backward losses)."""
+
+    def __init__(self, engine, micro_batches: int):
+        if micro_batches < 1:
+            raise ValueError("an update needs at least one micro-batch")
+        self.engine, self.planned, self.done, self.loss = engine, micro_batches, 0, 0.0
+
+    def __enter__(self) -> "ModelUpdate":
+        self.engine.train()
+        return self
+
+    def backward(self, loss: torch.Tensor) -> None:
+        if self.done == self.planned:
+            raise RuntimeError(f"more backward passes than the {self.planned} planned for this update")
+        self.engine.set_gradient_accumulation_boundary(self.done == self.planned - 1)
+        self.engine.backward(loss, scale_wrt_gas=False)
+        self.loss += float(loss.detach())
+        self.done += 1
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                if self.done != self.planned:
+                    raise RuntimeError(f"{self.done} backward passes for an update planned with {self.planned}")
+                self.engine.step()
+        finally:
+            self.engine.eval()
+
+
+class HybridEngine:
+    """The DeepSpeed engines of a stage's roles (``models[name]``) and its rollout backend."""
+
+    def __init__(self, cfg: GADConfig, rank: int, world_size: int, roles: dict, sources: dict):
+        """``roles``: ``{name: Role}`` the stage declared; ``sources``: ``{name: model folder or hub
+        id}`` (:func:`gadchat.roles.role_sources`). Models are built in the order of
+        :data:`gadchat.roles.ROLE_NAMES` (the discriminator's head draws from the seeded RNG)."""
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.roles = dict(roles)
         self.timer = PhaseTimer()
         self.device = runtime.device()
         self.dtype = runtime.resolve_dtype(cfg.model.dtype)
         self.zero3 = cfg.deepspeed.zero_stage == 3
         m = cfg.model
-        self.actor_path = resolve_model_path(actor_path or m.actor_path)
+        self.actor_path = resolve_model_path(sources["actor"])
         self.tokenizer_path = resolve_model_path(m.tokenizer_path) if m.tokenizer_path else self.actor_path
         self.tokenizer = load_tokenizer(self.tokenizer_path, m.trust_remote_code)
         self.pad_token_id = self.tokenizer.pad_token_id
         # One EOS set for both rollout backends, the trimmer and the scorer: the tokenizer's EOS plus
         # the model's generation-config EOS ids (Qwen2.5-Instruct: <|im_end|> and <|endoftext|>).
         self.eos_ids = set(eos_token_ids(self.tokenizer, load_generation_config(self.actor_path)))
-        attn = attn_implementation(m.attn_implementation)
-
+        self.models = {}
         with self.timer("init_models"):
-            actor_model = self._load(lambda: load_causal_lm(self.actor_path, self.dtype, attn, m.gradient_checkpointing,
-                                                            m.trust_remote_code), cfg.actor, train=True)
-            self.actor = self._initialize(actor_model, cfg.actor, train=True)
-            if need_ref is None:
-                need_ref = cfg.actor.kl_coef > 0 and cfg.trainer.stage != "seqkd"
-            self.ref = None
-            if need_ref:
-                ref_model = self._load(lambda: load_causal_lm(self.actor_path, self.dtype, attn, False, m.trust_remote_code),
-                                       cfg.actor, train=False)
-                ref_model.requires_grad_(False)
-                self.ref = self._initialize(ref_model, cfg.actor, train=False)
-                self.ref.eval()
-            self.discriminator, self.discriminator_trainable = None, False
-            if need_discriminator:
-                path = resolve_model_path(discriminator_path or m.discriminator_path or self.actor_path)
-                discriminator_model = self._load(
-                    lambda: load_discriminator(path, self.pad_token_id, self.dtype, attn, cfg.discriminator.head_init_std,
-                                               cfg.trainer.seed, m.gradient_checkpointing, m.trust_remote_code,
-                                               pooling=cfg.discriminator.pooling),
-                    cfg.discriminator, train=True)
-                trainable = not (cfg.discriminator.freeze and cfg.trainer.stage == "gad")
-                if not trainable:
-                    discriminator_model.requires_grad_(False)
-                self.discriminator = self._initialize(discriminator_model, cfg.discriminator, train=trainable)
-                self.discriminator_trainable = trainable
-
+            for name in role_kinds.ROLE_NAMES:
+                if name in self.roles:
+                    self.models[name] = self._build(self.roles[name], resolve_model_path(sources[name]))
         self.backend = choose_backend(cfg.rollout.backend)
         self.rollout = None
         self._rollout_needs_sync = False
 
     # ------------------------------------------------------------------------------------------
+    # roles
+
+    @property
+    def actor(self):
+        return self.models["actor"]
+
+    @property
+    def ref(self):
+        return self.models.get("reference")
+
+    @property
+    def discriminator(self):
+        return self.models.get("discriminator")
+
+    @property
+    def teacher(self):
+        return self.models.get("teacher")
+
+    def trains(self, name: str) -> bool:
+        return name in self.roles and self.roles[name].trains
+
+    def trained_models(self) -> dict:
+        """``{role: engine}`` of the trained roles (what a checkpoint holds)."""
+        return {name: engine for name, engine in self.models.items() if self.roles[name].trains}
+
+    def exported_modules(self) -> dict:
+        """``{role: Hugging Face module}`` written by the final export (the next stage's start)."""
+        return {name: self.hf_module(name) for name in self.models if self.roles[name].exported}
+
+    def hf_module(self, name: str):
+        """The Hugging Face model inside a role's engine (a discriminator's sequence classifier)."""
+        module = self.models[name].module
+        return module.seqcls if self.roles[name].kind == role_kinds.SCORER else module
+
+    def optimizer_section(self, name: str):
+        return getattr(self.cfg, self.roles[name].optimizer_section)
+
+    def update(self, name: str, micro_batches: int) -> ModelUpdate:
+        """One optimizer step of the trained role ``name`` over ``micro_batches`` backward passes."""
+        if not self.trains(name):
+            raise RuntimeError(f"the {name} role is frozen in this stage")
+        return ModelUpdate(self.models[name], micro_batches)
+
+    # ------------------------------------------------------------------------------------------
     # construction
+
+    def _build(self, role, path: str):
+        cfg = self.cfg
+        m = cfg.model
+        attn = attn_implementation(m.attn_implementation)
+        section = getattr(cfg, role.optimizer_section) if role.optimizer_section else cfg.actor
+        checkpointing = m.gradient_checkpointing and role.trains
+        if role.kind == role_kinds.SCORER:
+            build = lambda: load_discriminator(path, self.pad_token_id, self.dtype, attn,  # noqa: E731
+                                               cfg.discriminator.head_init_std, cfg.trainer.seed,
+                                               m.gradient_checkpointing, m.trust_remote_code,
+                                               pooling=cfg.discriminator.pooling)
+        else:
+            build = lambda: load_causal_lm(path, self.dtype, attn, checkpointing, m.trust_remote_code)  # noqa: E731
+        model = self._load(build, section, train=role.trains)
+        if not role.trains:
+            model.requires_grad_(False)
+        engine = self._initialize(model, section, train=role.trains)
+        if not role.trains:
+            engine.eval()
+        return engine
 
     def _load(self, build, section, train: bool):
         """Build a model; under ZeRO-3 it is built partitioned (``zero.Init`` through transformers)."""
@@ -341,8 +323,7 @@ class HybridEngine:
     def log_probs_no_grad(self, engine, batch: SequenceBatch, micro_batch_size: int, temperature: float = 1.0) -> torch.Tensor:
         """Log-probs of the whole batch in micro-batches, padded back to the batch width."""
         out = torch.zeros(batch.input_ids.shape[0], batch.input_ids.shape[1] - 1)
-        for start in range(0, len(batch), micro_batch_size):
-            part = batch.slice(start, start + micro_batch_size)
+        for start, part in batch.micro_batches(micro_batch_size):
             values, _ = self.log_probs(engine, part, temperature=temperature)
             out[start : start + len(part), : values.shape[1]] = values.float().cpu()
         return out
@@ -354,36 +335,10 @@ class HybridEngine:
 
     @torch.no_grad()
     def scores_no_grad(self, batch: SequenceBatch, micro_batch_size: int) -> torch.Tensor:
-        return torch.cat([self.scores(batch.slice(s, s + micro_batch_size)).float().cpu()
-                          for s in range(0, len(batch), micro_batch_size)])
+        return torch.cat([self.scores(part).float().cpu() for _, part in batch.micro_batches(micro_batch_size)])
 
     # ------------------------------------------------------------------------------------------
-    # optimisation
-
-    @staticmethod
-    def accumulate(engine, micro_steps: list) -> float:
-        """Run each closure of ``micro_steps`` (a forward that returns its micro-batch's share of
-        the batch loss), backward it, and take one optimizer step at the last one; returns the
-        batch loss. Gradient-accumulation boundaries are set by hand, so the number of
-        micro-batches may vary from step to step.
-
-        The model is in training mode for the update (transformers checkpoints activations only
-        when ``training`` is true; dropout, where a model has any) and back in eval mode after it:
-        rollouts, reference, old-log-prob and scoring passes run in eval mode, as in verl."""
-        if not micro_steps:
-            raise ValueError("accumulate() needs at least one micro-batch")
-        total = 0.0
-        engine.train()
-        try:
-            for index, forward in enumerate(micro_steps):
-                engine.set_gradient_accumulation_boundary(index == len(micro_steps) - 1)
-                loss = forward()
-                engine.backward(loss, scale_wrt_gas=False)
-                total += float(loss.detach())
-            engine.step()
-        finally:
-            engine.eval()
-        return total
+    # checks
 
     @torch.no_grad()
     def param_digest(self, engine) -> float:
@@ -437,92 +392,3 @@ class HybridEngine:
             gaps = (log_probs.max(dim=-1).values - picked) * part.target_mask
             gap = max(gap, float(gaps.max()) if gaps.numel() else 0.0)
         return {"debug/rollout_greedy_match": match, "debug/rollout_greedy_logprob_gap": gap}
-
-    def eval_mode(self):
-        for engine in (self.actor, self.discriminator):
-            if engine is not None:
-                engine.eval()
-
-
-def sequence_log_probs(call, module, batch: SequenceBatch, chunk_tokens: int, temperature: float = 1.0,
-                       with_entropy: bool = False):
-    """Next-token log-probs ``[B, T-1]`` (and entropies or None) of ``batch`` on ``logits /
-    temperature`` in float32. ``call`` runs the forward (a DeepSpeed engine, or the model itself),
-    ``module`` is the Hugging Face causal LM inside it. ``chunk_tokens > 0``: chunked path over the
-    response positions (0 elsewhere); 0, or a model without ``logits_to_keep``: plain path."""
-    labels = batch.input_ids[:, 1:]
-    head = module.get_output_embeddings() if chunk_tokens > 0 and hasattr(module, "get_output_embeddings") else None
-    if head is None or not _takes_logits_to_keep(module):
-        logits = call(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
-        log_probs = token_log_probs(logits, labels, temperature)
-        entropy = token_entropy(logits, temperature) if with_entropy else None
-        return log_probs, entropy
-    hidden = _final_hidden_states(call, module, batch)[:, :-1]
-    positions = batch.target_mask > 0
-    values, entropy = _head_log_probs(head, hidden[positions], labels[positions], chunk_tokens, temperature,
-                                      with_entropy)
-    log_probs = values.new_zeros(positions.shape)
-    log_probs[positions] = values
-    if entropy is not None:
-        full = entropy.new_zeros(positions.shape)
-        full[positions] = entropy
-        entropy = full
-    return log_probs, entropy
-
-
-def _takes_logits_to_keep(module) -> bool:
-    import inspect
-
-    try:
-        return "logits_to_keep" in inspect.signature(module.forward).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-def _final_hidden_states(call, module, batch: SequenceBatch) -> torch.Tensor:
-    """The backbone's final (normed) hidden states ``[B, T, H]``, from the engine's own forward.
-
-    The forward runs through the DeepSpeed engine (ZeRO-3 hooks, the root module's step
-    bookkeeping) with ``logits_to_keep=1`` (logits of one position only); a forward hook on the
-    decoder (registered after DeepSpeed's, so it sees the output as DeepSpeed passes it on) keeps
-    its ``last_hidden_state``. No per-layer hidden states are retained."""
-    decoder = module.get_decoder()
-    captured = []
-
-    def keep(_module, _inputs, output):
-        captured.append(output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0])
-
-    handle = decoder.register_forward_hook(keep)
-    try:
-        call(input_ids=batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=1)
-    finally:
-        handle.remove()
-    return captured[-1]
-
-
-def _head_log_probs(head, hidden, labels, chunk_tokens: int, temperature: float, with_entropy: bool):
-    """Chunked log-probs in ONE call of the LM head module.
-
-    Under ZeRO-3 the head's weight (tied to the embedding or not) is gathered by DeepSpeed's hooks
-    around a module call, and again before that call's backward. Calling the module once per
-    micro-batch, with the chunk loop inside its forward, keeps the number of module calls the
-    same on every rank (the chunk count is not: ranks hold different response lengths), which
-    ZeRO-3's recorded module trace requires, and the per-chunk recomputation in the backward runs
-    while the weight is gathered for that module's backward."""
-    plain_forward = type(head).forward
-
-    def chunked_forward(h, y):
-        values, entropy = chunked_token_log_probs(lambda part: plain_forward(head, part), h, y, chunk_tokens,
-                                                  temperature, with_entropy)
-        return (values,) if entropy is None else (values, entropy)  # tensors only through DeepSpeed's hooks
-
-    own = head.__dict__.get("forward")
-    head.forward = chunked_forward
-    try:
-        outputs = head(hidden, labels)
-    finally:
-        if own is None:
-            del head.forward
-        else:
-            head.forward = own
-    return outputs[0], (outputs[1] if with_entropy else None)

@@ -9,7 +9,8 @@ optional GAD-stage diagnostics) read the teacher's exact log-probabilities.
   answers cut into paragraphs: for each training prompt, each paragraph of its answer (at most
   ``PARAGRAPH_TOKENS`` tokens, cut at a sentence end) is one ``prompt -> paragraph + EOS`` example.
   The teacher therefore answers a prompt with one paragraph and stops, so its samples end with an
-  EOS and both sides of the discriminator see answers that really ended (DESIGN, EOS symmetry).
+  EOS and both sides of the discriminator see answers that really ended (EOS symmetry,
+  docs/algorithm.md section 3.3).
 - **Student** (``builtin:kt-student``): the ``builtin:tiny`` shape (hidden 128, 2 layers, 0.43M
   parameters) with a short generic start: a few LM steps on the same paragraphs paired with
   *other* prompts, so it writes English-like paragraphs and ends them, but has not learned the
@@ -32,9 +33,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from gadchat.tiny import DEFAULT_CORPUS
-
-SHIPPED = DEFAULT_CORPUS.parent  # data/alpaca_eval_gpt4o: train.jsonl (700) and test.jsonl (105)
+# The repository's shipped teacher data (train.jsonl: 700 rows, test.jsonl: 105): this benchmark reads
+# the repository's data folder, so it runs from a checkout (the project is installed editable).
+SHIPPED = Path(__file__).resolve().parent.parent / "data" / "alpaca_eval_gpt4o"
 PARAGRAPH_TOKENS = 64
 MIN_PARAGRAPH_TOKENS = 6
 
@@ -135,7 +136,7 @@ def train_lm(model, examples: list, recipe: LMRecipe, pad_token_id: int, log=pri
     losses per step."""
     import torch
 
-    from gadchat.engine import SequenceBatch
+    from gadchat.batch import SequenceBatch
     from gadchat.losses import sft_loss, token_log_probs
 
     torch.manual_seed(recipe.seed)
@@ -277,7 +278,7 @@ def response_log_probs(model, prompts: list, responses: list, pad_token_id: int,
     right-padded to the longest response, and the mask of real response tokens."""
     import torch
 
-    from gadchat.engine import SequenceBatch
+    from gadchat.batch import SequenceBatch
     from gadchat.losses import token_log_probs
 
     width = max(len(r) for r in responses)

@@ -16,13 +16,11 @@ from pathlib import Path
 
 import pytest
 
+from gadchat.stages import STAGES, step_main
+
 REPO = Path(__file__).resolve().parent.parent
 TINY_CONFIG = REPO / "configs" / "cpu_tiny.yaml"
-STEP_MAIN = {
-    "seqkd": REPO / "training" / "step1_seqkd" / "main.py",
-    "warmup": REPO / "training" / "step2_warmup" / "main.py",
-    "gad": REPO / "training" / "step3_gad" / "main.py",
-}
+STEP_MAIN = {stage: step_main(stage) for stage in STAGES}
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 BACKENDS = [pytest.param("vllm", marks=pytest.mark.skipif(not HAS_VLLM, reason="vLLM is not installed")), "hf"]
 

@@ -1,5 +1,5 @@
 """The configuration layer: flags for every field, YAML then flags, per-stage published defaults,
-clear errors, the DeepSpeed JSON merge, and the published defaults of DESIGN.md section 2."""
+clear errors, the DeepSpeed JSON merge, and the published defaults of docs/algorithm.md section 6."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gadchat.config import (STAGE_DEFAULTS, GADConfig, build_parser, config_from_dict, load_config, save_config)
+from gadchat.config import (GADConfig, build_parser, config_from_dict, load_config, save_config)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -166,9 +166,11 @@ def test_entry_point_stage_wins_over_a_shared_yaml_and_conflicting_flag_errors(t
 
 
 def test_stage_defaults_table_matches_design():
-    assert STAGE_DEFAULTS["seqkd"]["actor"]["lr"] == 5e-6
-    assert STAGE_DEFAULTS["warmup"]["trainer"]["discriminator_warmup"] == 10
-    assert STAGE_DEFAULTS["gad"]["trainer"]["discriminator_warmup"] == 0
+    from gadchat.stages import RECIPES
+
+    assert RECIPES["seqkd"].defaults["actor"]["lr"] == 5e-6
+    assert RECIPES["warmup"].defaults["trainer"]["discriminator_warmup"] == 10
+    assert RECIPES["gad"].defaults["trainer"]["discriminator_warmup"] == 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -379,7 +381,7 @@ def test_missing_user_deepspeed_json_is_a_clear_error(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
-# Published defaults (DESIGN.md section 2)
+# Published defaults (docs/algorithm.md section 6)
 
 
 def test_published_defaults():

@@ -1,5 +1,5 @@
 """The discriminator scores the last valid response token, and teacher and student sequences end
-the same way (EOS symmetry, DESIGN.md section 2)."""
+the same way (EOS symmetry, docs/algorithm.md section 3.3)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from transformers import AutoTokenizer
 
 from gadchat.config import DataConfig
 from gadchat.data import encode_prompt, encode_response, load_teacher_data
-from gadchat.engine import SequenceBatch
+from gadchat.batch import SequenceBatch
 from gadchat.models import load_discriminator
 from gadchat.rollout import trim_at_eos
 

@@ -199,20 +199,20 @@ def test_oracle_reward_and_pooling_flags_are_validated():
     cfg.trainer.oracle_reward = True
     with pytest.raises(ValueError, match="trainer.oracle_reward"):
         cfg.validate()
-    cfg.trainer.diagnostics_teacher = "builtin:kt-teacher"
+    cfg.model.teacher_path = "builtin:kt-teacher"
     cfg.validate()
     cfg.discriminator.pooling = "max"
     with pytest.raises(ValueError, match="discriminator.pooling"):
         cfg.validate()
 
 
-def test_missing_diagnostics_teacher_is_refused_up_front(tmp_path):
+def test_missing_teacher_path_is_refused_up_front(tmp_path):
     from gadchat.config import GADConfig
 
     cfg = GADConfig()
     cfg.trainer.output_dir = str(tmp_path / "run")
-    cfg.trainer.diagnostics_teacher = str(tmp_path / "no-such-teacher")
-    with pytest.raises(ValueError, match="trainer.diagnostics_teacher .*no such folder"):
+    cfg.model.teacher_path = str(tmp_path / "no-such-teacher")
+    with pytest.raises(ValueError, match="model.teacher_path .*no such folder"):
         cfg.check_paths()
 
 
@@ -225,7 +225,7 @@ def test_gad_stage_logs_diagnostics_and_takes_the_oracle_reward(tiny_model, tmp_
 
     out = tmp_path / "gad"
     launch("gad", 1, tiny_args(tiny_model, out, "--rollout.backend", "hf", "--rollout.temperature", "1.0",
-                               "--trainer.max_steps", 2, "--trainer.diagnostics_teacher", tiny_model,
+                               "--trainer.max_steps", 2, "--model.teacher_path", tiny_model,
                                "--trainer.oracle_reward", "true"))
     rows = [r for r in read_metrics(out) if r.get("step", 0) > 0]
     assert len(rows) == 2

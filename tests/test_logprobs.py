@@ -9,7 +9,8 @@ import math
 import pytest
 import torch
 
-from gadchat.engine import SequenceBatch, sequence_log_probs
+from gadchat.batch import SequenceBatch
+from gadchat.logprobs import sequence_log_probs
 from gadchat.losses import chunked_token_log_probs, token_entropy, token_log_probs
 
 

@@ -17,9 +17,9 @@ import torch
 from conftest import HAS_VLLM, REPO, launch, read_metrics, subprocess_env, tiny_args
 from gadchat.config import load_config
 from gadchat.data import PromptSchedule, encode_response
-from gadchat.engine import SequenceBatch
+from gadchat.batch import SequenceBatch
 from gadchat.models import eos_token_ids, load_generation_config
-from gadchat.trainer import StageTrainer, rollout_seed, stage_seed
+from gadchat.stages.common import rollout_seed, sample_temperature, sft_temperature, stage_seed
 
 
 @pytest.fixture(scope="module")
@@ -36,14 +36,12 @@ def tokenizer(tiny_model):
 def test_temperature_defaults_scale_sample_log_probs_but_not_sft():
     cfg = load_config(["--rollout.temperature", "0.7"], stage="gad")
     assert cfg.actor.temperature_scaled_logprobs is True and cfg.actor.sft_temperature_scaled is False
-    holder = SimpleNamespace(cfg=cfg)
-    assert StageTrainer.sample_temperature(holder) == 0.7
-    assert StageTrainer.sft_temperature(holder) == 1.0
+    assert sample_temperature(cfg) == 0.7
+    assert sft_temperature(cfg) == 1.0
     cfg = load_config(["--rollout.temperature", "0.7", "--actor.temperature_scaled_logprobs", "false",
                        "--actor.sft_temperature_scaled", "true"], stage="warmup")
-    holder = SimpleNamespace(cfg=cfg)
-    assert StageTrainer.sample_temperature(holder) == 1.0
-    assert StageTrainer.sft_temperature(holder) == 0.7
+    assert sample_temperature(cfg) == 1.0
+    assert sft_temperature(cfg) == 0.7
     assert load_config([], stage="gad").actor.logprob_chunk_tokens > 0  # chunked by default
 
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Shared launcher of the step folders: training/launch.sh STAGE DEPLOYMENT [--section.field VALUE ...]
-#   STAGE       seqkd | warmup | gad
+#   STAGE       a registered stage: seqkd | warmup | gad | ... (gadchat/stages/__init__.py)
 #   DEPLOYMENT  cpu (NUM_PROCS ranks, default 2) | single_gpu | single_node (NUM_GPUS, default 8)
 #               | multi_node (HOSTFILE, MASTER_ADDR required; NUM_NODES optional)
 # Every rank runs the same main.py under the `deepspeed` launcher (SPMD); the per-deployment scripts
@@ -10,12 +10,9 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 STAGE=${1:?usage: launch.sh STAGE DEPLOYMENT [flags]}
 DEPLOYMENT=${2:?usage: launch.sh STAGE DEPLOYMENT [flags]}
 shift 2
-case "$STAGE" in
-  seqkd) STEP=step1_seqkd ;;
-  warmup) STEP=step2_warmup ;;
-  gad) STEP=step3_gad ;;
-  *) echo "launch.sh: unknown stage '$STAGE' (seqkd, warmup, gad)" >&2; exit 2 ;;
-esac
+# The stage's step folder, from the stage registry (gadchat/stages/__init__.py).
+STEP_MAIN=$(cd "$ROOT" && python3 -c 'import sys; from gadchat.stages import step_main; print(step_main(sys.argv[1]))' "$STAGE" 2>/dev/null) || {
+  echo "launch.sh: unknown stage '$STAGE' ($(cd "$ROOT" && python3 -c 'from gadchat.stages import STAGES; print(", ".join(STAGES))'))" >&2; exit 2; }
 PORT=${MASTER_PORT:-$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
 case "$DEPLOYMENT" in
   cpu)
@@ -31,4 +28,4 @@ case "$DEPLOYMENT" in
 esac
 INIT=()
 if [ -n "${INIT_FROM:-}" ]; then INIT=(--trainer.init_from "$INIT_FROM"); fi
-exec "${LAUNCH[@]}" "$ROOT/training/$STEP/main.py" "${INIT[@]}" "$@"
+exec "${LAUNCH[@]}" "$STEP_MAIN" "${INIT[@]}" "$@"

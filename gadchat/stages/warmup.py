@@ -1,0 +1,71 @@
+"""GAD warm-up: the discriminator learns to tell teacher from student while the actor imitates
+the teacher.
+
+Per step:
+
+1. the rollout engine samples ``n`` responses per prompt from the student;
+2. the discriminator takes one Bradley-Terry step, each prompt's teacher response preferred over
+   each of its samples (every step);
+3. only once ``step >= trainer.discriminator_warmup``: the actor takes one step on the token-mean
+   cross-entropy of the teacher responses, plus ``actor.kl_coef`` x the k3 KL to the frozen
+   reference on the samples.
+"""
+
+from __future__ import annotations
+
+from gadchat import roles
+from gadchat.losses import kl_loss, sft_loss
+from gadchat.stages import common
+from gadchat.stages.base import Recipe
+
+
+class Warmup(Recipe):
+    name = "warmup"
+    step_folder = "step2_warmup"
+    summary = "GAD warm-up: discriminator Bradley-Terry updates, gated actor SFT on the teacher"
+    defaults = {"trainer": {"discriminator_warmup": 10}}
+
+    def roles(self, cfg) -> dict:
+        out = {"actor": roles.actor(), "discriminator": roles.discriminator()}
+        if cfg.actor.kl_coef > 0:
+            out["reference"] = roles.reference()
+        if cfg.model.teacher_path:  # read only, for the diag/ metrics
+            out["teacher"] = roles.teacher()
+        return out
+
+    def step(self, run, step: int, batch: list) -> dict:
+        cfg, engine, a = run.cfg, run.engine, run.cfg.actor
+        teacher = common.teacher_batch(run, batch)
+        samples, student = common.rollout(run, step, batch)
+
+        # discriminator: every step
+        metrics, scores = common.discriminator_update(run, teacher, student)
+        metrics.update(common.response_length_stats(samples))
+        metrics.update(common.reward_diagnostics(run, scores, student, samples, common.teacher_view(run, student)))
+
+        # actor: SFT on the teacher (+ KL to the reference on the samples), once past the gate
+        metrics["actor/updated"] = float(step >= cfg.trainer.discriminator_warmup)
+        if step >= cfg.trainer.discriminator_warmup:
+            ref = common.reference_log_probs(run, student) if a.kl_coef > 0 else None
+            sft_parts = teacher.micro_batches(a.micro_batch_size)
+            kl_parts = student.micro_batches(a.micro_batch_size) if ref is not None else []
+            sft_tokens = float(teacher.target_mask.sum())
+            kl_tokens = student.target_mask.sum().clamp(min=1)
+            kl_values = []
+            with engine.timer("actor_update"), engine.update("actor", len(sft_parts) + len(kl_parts)) as update:
+                for _, part in sft_parts:
+                    log_probs, _ = engine.log_probs(engine.actor, part, temperature=common.sft_temperature(cfg))
+                    update.backward(sft_loss(log_probs, part.target_mask.to(log_probs.device), denominator=sft_tokens))
+                for start, part in kl_parts:
+                    log_probs, _ = engine.log_probs(engine.actor, part, temperature=common.sample_temperature(cfg))
+                    ref_part = ref[start : start + len(part), : log_probs.shape[1]].to(log_probs.device)
+                    kl = kl_loss(log_probs, ref_part, part.target_mask.to(log_probs.device), denominator=kl_tokens)
+                    kl_values.append(float(kl.detach()))
+                    update.backward(a.kl_coef * kl)
+            engine.mark_actor_updated()
+            kl = sum(kl_values)
+            metrics["actor/sft_loss"] = update.loss - a.kl_coef * kl
+            if kl_parts:
+                metrics["actor/kl"] = kl
+        metrics["tokens"] = float(student.attention_mask.sum() + teacher.attention_mask.sum())
+        return metrics
