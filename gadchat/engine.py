@@ -142,7 +142,10 @@ class HybridEngine:
         with self.timer("init_models"):
             for name in role_kinds.ROLE_NAMES:
                 if name in self.roles:
-                    self.models[name] = self._build(self.roles[name], resolve_model_path(sources[name]))
+                    path = resolve_model_path(sources[name])
+                    if name == "teacher":
+                        self._check_same_vocabulary(path)
+                    self.models[name] = self._build(self.roles[name], path)
         self.backend = choose_backend(cfg.rollout.backend)
         self.rollout = None
         self._rollout_needs_sync = False
@@ -214,6 +217,18 @@ class HybridEngine:
         if not role.trains:
             engine.eval()
         return engine
+
+    def _check_same_vocabulary(self, path: str) -> None:
+        """A teacher scores the student's token ids: refuse one whose tokenizer maps text to other
+        ids (a folder without a tokenizer is taken on trust)."""
+        try:
+            theirs = load_tokenizer(path, self.cfg.model.trust_remote_code)
+        except (OSError, ValueError):
+            return
+        if theirs.get_vocab() != self.tokenizer.get_vocab():
+            raise ValueError(f"--model.teacher_path {path}: its tokenizer differs from the student's "
+                             f"({len(theirs)} vs {len(self.tokenizer)} tokens); the teacher must score the "
+                             "student's token ids, so both need the same tokenizer")
 
     def _load(self, build, section, train: bool):
         """Build a model; under ZeRO-3 it is built partitioned (``zero.Init`` through transformers)."""
