@@ -12,10 +12,11 @@ from pathlib import Path
 
 from gadchat.stages.base import Recipe
 from gadchat.stages.gad import GAD
+from gadchat.stages.opd import OPD
 from gadchat.stages.seqkd import SeqKD
 from gadchat.stages.warmup import Warmup
 
-RECIPES: dict = {recipe.name: recipe for recipe in (SeqKD(), Warmup(), GAD())}
+RECIPES: dict = {recipe.name: recipe for recipe in (SeqKD(), Warmup(), GAD(), OPD())}
 STAGES = tuple(RECIPES)
 REPO = Path(__file__).resolve().parents[2]
 
