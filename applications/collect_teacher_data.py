@@ -20,22 +20,16 @@ from __future__ import annotations
 import argparse
 import sys
 
-from gadchat.cli import bounded
+from gadchat.cli import bounded, prog
 from gadchat.data import DataError
-from gadchat.teacher_api import (
-    AuthenticationError,
-    ChatEndpoint,
-    SamplingSettings,
-    collect_teacher_data,
-    load_prompt_rows,
-    prompt_token_counter,
-    sidecar_paths,
-)
+from gadchat.teacher.client import AuthenticationError, ChatEndpoint, SamplingSettings
+from gadchat.teacher.collect import collect_teacher_data, prompt_token_counter, sidecar_paths
+from gadchat.teacher.prompts import load_prompt_rows
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m applications.collect_teacher_data",
+        prog=prog("applications.collect_teacher_data", "gadchat-collect"),
         description="Collect teacher responses from an OpenAI-compatible chat endpoint (resumable). Output rows "
                     "come in the order the answers arrive, not the input order.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,

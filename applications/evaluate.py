@@ -34,7 +34,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gadchat.cli import bounded
+from gadchat.cli import bounded, prog
 from gadchat.config import DataConfig, looks_like_local_path
 from gadchat.data import DataError, read_prompts, split_part
 from gadchat.generation import BACKENDS, GenerationSettings, Generator, resolve_model_path
@@ -48,7 +48,8 @@ from gadchat.judge import (
     run_parallel,
 )
 from gadchat.rouge import rouge_l_f1
-from gadchat.teacher_api import AuthenticationError, ChatEndpoint, JsonlAppender, SamplingSettings, recover_jsonl
+from gadchat.teacher.client import AuthenticationError, ChatEndpoint, SamplingSettings
+from gadchat.teacher.jsonl import JsonlAppender, recover_jsonl
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EVAL_SET_ALIASES = {"heldout": REPO_ROOT / "data" / "alpaca_eval_gpt4o" / "test.jsonl"}
@@ -100,7 +101,7 @@ def parse_eval_sets(specs: list) -> list[EvalSet]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m applications.evaluate", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog=prog("applications.evaluate", "gadchat-eval"), formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="ROUGE-L and LLM-judge evaluation of one or several models. The judge score of a model is the "
                     "mean over prompts of s_student / (s_student + s_reference) x 100, prompts whose grades could not "
                     "be read or whose judge requests failed left out (and counted). generations.jsonl lists the "
@@ -129,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     judge.add_argument("--judge-api-key-env", default="OPENAI_API_KEY", help="environment variable holding the judge's key")
     judge.add_argument("--judge-prompt", default="",
                        help="path of a text file holding the judge prompt template, with {question} and {answer} "
-                            "placeholders (empty = applications/prompts/judge_prompt.txt)")
+                            "placeholders (empty = the LMSYS single-answer grading prompt packaged with gadchat, "
+                            "gadchat/resources/judge_prompt.txt)")
     judge.add_argument("--judge-concurrency", type=bounded(int, 1), default=8, help="judge requests in flight at once")
     judge.add_argument("--judge-timeout", type=bounded(float, 0, strict=True), default=120.0, help="per-request timeout in seconds")
     judge.add_argument("--judge-max-retries", type=bounded(int, 0), default=6, help="retries on 429 / 5xx / timeouts (401/403 stop the evaluation)")

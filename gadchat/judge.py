@@ -4,7 +4,7 @@ following LMSYS / MiniLLM).
 For every prompt the judge model first writes its own reference answer (the prompt's messages sent
 as they are). Then it grades, one at a time, the student's answer and the reference answer with the
 judge prompt template (``{question}`` and ``{answer}`` are filled in; the default is the LMSYS
-single-answer grading prompt in ``applications/prompts/judge_prompt.txt``, replaceable with
+single-answer grading prompt packaged as ``gadchat/resources/judge_prompt.txt``, replaceable with
 ``--judge-prompt``), each on a scale of 1 to 10. Grading each answer alone (pointwise) keeps the
 order of the two answers from biasing the grade.
 
@@ -24,9 +24,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from gadchat.teacher_api import AuthenticationError, ChatEndpoint, EndpointError
+from gadchat.resources import JUDGE_PROMPT, resource
+from gadchat.teacher.client import AuthenticationError, ChatEndpoint, EndpointError
 
-DEFAULT_JUDGE_PROMPT = Path(__file__).resolve().parent.parent / "applications" / "prompts" / "judge_prompt.txt"
+# Packaged with gadchat (importlib.resources), so an installed copy finds it too.
+DEFAULT_JUDGE_PROMPT = resource(JUDGE_PROMPT)
 SCORE_RANGE = (1.0, 10.0)
 
 _NUMBER = r"(\d+(?:\.\d+)?)"
@@ -73,6 +75,7 @@ def mean_judge_score(grade_pairs) -> tuple[float | None, int]:
 
 
 def load_judge_template(path: str | Path | None = None) -> str:
+    """The template in ``path``; empty or ``None`` = the packaged default (``DEFAULT_JUDGE_PROMPT``)."""
     path = Path(path) if path else DEFAULT_JUDGE_PROMPT
     template = path.read_text(encoding="utf-8")
     missing = [name for name in ("{question}", "{answer}") if name not in template]

@@ -18,13 +18,14 @@ import sys
 import time
 from pathlib import Path
 
+from gadchat.cli import prog
 from gadchat.data import DataError
 from gadchat.generation import BACKENDS, GenerationSettings, Generator
-from gadchat.teacher_api import load_prompt_rows
+from gadchat.teacher.prompts import load_prompt_rows
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m inference.batch_generate", description="Batch generation from a prompts file.")
+    parser = argparse.ArgumentParser(prog=prog("inference.batch_generate", "gadchat-generate"), description="Batch generation from a prompts file.")
     parser.add_argument("--model", required=True, help="model folder, training output dir, or hub id")
     parser.add_argument("--prompts", required=True, help="JSON lines / parquet / datasets folder / hf:NAME (comma-separated)")
     parser.add_argument("--output", required=True, help="output JSON-lines file")
@@ -78,7 +79,7 @@ def main(argv=None) -> int:
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")
     os.replace(partial, output)
     print(f"[batch_generate] {len(rows)} prompts x {args.n} samples, {new_tokens} new tokens in {seconds:.1f} s "
-          f"({generator.backend}) -> {output}")
+          f"({generator.backend.name}) -> {output}")
     return 0
 
 

@@ -12,11 +12,12 @@ from __future__ import annotations
 import argparse
 import sys
 
+from gadchat.cli import prog
 from gadchat.generation import BACKENDS, GenerationSettings, Generator
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m inference.chat", description="Multi-turn chat with a model folder.")
+    parser = argparse.ArgumentParser(prog=prog("inference.chat", "gadchat-chat"), description="Multi-turn chat with a model folder.")
     parser.add_argument("--model", required=True, help="model folder, training output dir, or hub id")
     parser.add_argument("--backend", default="hf", choices=BACKENDS, help="hf streams (default); vllm prints whole answers")
     parser.add_argument("--system", default="", help="system prompt for the conversation")
@@ -37,7 +38,7 @@ def main(argv=None) -> int:
     start = [{"role": "system", "content": args.system}] if args.system else []
     history = list(start)
     interactive = sys.stdin.isatty()
-    print(f"[chat] {generator.model_path} ({generator.backend}). /reset clears the history, /exit quits.",
+    print(f"[chat] {generator.model_path} ({generator.backend.name}). /reset clears the history, /exit quits.",
           file=sys.stderr, flush=True)
     turn = 0
     while True:

@@ -13,7 +13,7 @@ from gadchat.judge import (
     mean_judge_score,
     parse_judge_score,
 )
-from gadchat.teacher_api import ChatEndpoint, SamplingSettings
+from gadchat.teacher.client import ChatEndpoint, SamplingSettings
 
 
 @pytest.mark.parametrize(

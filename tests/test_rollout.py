@@ -5,13 +5,21 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gadchat.rollout import VLLMRollout, choose_backend, trim_at_eos, vllm_available
+from gadchat.rollout import HFRollout, VLLMRollout, choose_backend, trim_at_eos, vllm_available
 
 
 def test_trim_at_eos_keeps_the_first_eos_and_drops_what_follows():
     assert trim_at_eos([5, 6, 2, 7, 2], {2}) == [5, 6, 2]
     assert trim_at_eos([5, 6, 7], {2}) == [5, 6, 7]  # cut at max_new_tokens: no EOS
     assert trim_at_eos([9, 3, 4], {3, 4}) == [9, 3]
+
+
+def test_training_names_are_the_generation_backends():
+    """The engine's ``gadchat.rollout`` names are the shared generation layer's classes."""
+    from gadchat.generation import HFBackend, VLLMBackend
+
+    assert VLLMRollout is VLLMBackend and HFRollout is HFBackend
+    assert VLLMRollout.follows_actor and not HFRollout.follows_actor
 
 
 def test_backend_choice():

@@ -11,17 +11,10 @@ from pathlib import Path
 import pytest
 
 from fake_openai_server import FakeOpenAIServer, Raw, Reply, Slow, Status
-from gadchat.teacher_api import (
-    ChatEndpoint,
-    EndpointError,
-    MalformedAnswerError,
-    PromptRow,
-    SamplingSettings,
-    collect_teacher_data,
-    collection_key,
-    load_prompt_rows,
-    recover_jsonl,
-)
+from gadchat.teacher.client import ChatEndpoint, EndpointError, MalformedAnswerError, SamplingSettings
+from gadchat.teacher.collect import collect_teacher_data
+from gadchat.teacher.jsonl import recover_jsonl
+from gadchat.teacher.prompts import PromptRow, collection_key, load_prompt_rows
 
 REPO = Path(__file__).resolve().parent.parent
 SECRET = "sk-test-THIS-KEY-MUST-NEVER-BE-WRITTEN-0123456789"
@@ -209,7 +202,7 @@ def test_killed_collection_resumes_without_losing_or_duplicating_rows(tmp_path):
 
 
 def test_drop_truncated_and_prompt_token_budget(server, api_key, tmp_path):
-    from gadchat.teacher_api import prompt_token_counter
+    from gadchat.teacher.collect import prompt_token_counter
     from gadchat.tiny import build_tokenizer
 
     build_tokenizer(tmp_path / "tok")
