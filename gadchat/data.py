@@ -6,10 +6,10 @@ the teacher's response (``teacher_response``: a string); other layouts are mappe
 lines, JSON arrays, parquet, a folder of those, a ``datasets.save_to_disk`` folder, or ``hf:NAME``
 for a ``datasets`` hub name.
 
-Tokenisation (DESIGN.md section 2, EOS symmetry): the prompt is the tokenizer's chat template with
-the generation prompt; the teacher response is its text tokens (no special tokens added) followed
-by the EOS the student generates at the end of a turn. A student sample ends in the EOS it
-generated, so both are scored on the same kind of token.
+Tokenisation (EOS symmetry, docs/algorithm.md section 3): the prompt is the tokenizer's chat
+template with the generation prompt; the teacher response is its text tokens (no special tokens
+added) followed by the EOS the student generates at the end of a turn. A student sample ends in the
+EOS it generated, so both are scored on the same kind of token.
 
 A malformed row raises :class:`DataError` naming the file, the row and the field, unless
 ``data.skip_malformed`` is set; then it is counted per reason and reported. Over-long rows are

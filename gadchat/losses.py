@@ -1,9 +1,9 @@
 """Losses and advantages of GAD as pure functions over tensors and masks.
 
 Shapes: ``[B, T]`` per-token tensors with a 0/1 ``mask`` over response tokens (up to and including
-the first EOS); ``[B]`` per-sequence scores. Formulas follow DESIGN.md section 2 and the GAD paper
-(arXiv 2511.10643, Eq. 2-4); the PPO-clip and k3 forms are those of verl's ``core_algos.py``
-(Schulman's k3 estimator, http://joschu.net/blog/kl-approx.html).
+the first EOS); ``[B]`` per-sequence scores. Formulas follow docs/algorithm.md section 4 and the
+GAD paper (arXiv 2511.10643, Eq. 2-4); the PPO-clip and k3 forms are those of verl's
+``core_algos.py`` (Schulman's k3 estimator, http://joschu.net/blog/kl-approx.html).
 """
 
 from __future__ import annotations

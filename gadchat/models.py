@@ -4,7 +4,7 @@ The discriminator is the student's backbone plus a scalar head: exactly transfor
 ``AutoModelForSequenceClassification`` with ``num_labels=1`` built from the student's weights, so it
 exports as a standard reward-model folder. Training scores it ourselves at the last valid response
 token (the EOS), which is where that class pools too when padding uses a pad token distinct from
-the EOS (DESIGN.md section 2).
+the EOS (docs/algorithm.md section 3.2).
 """
 
 from __future__ import annotations

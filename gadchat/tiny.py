@@ -1,5 +1,6 @@
-"""Build a tiny chat student on the spot: a byte-level BPE tokenizer trained on local text and a
-randomly initialised Qwen2 model sized for CPU tests.
+"""Build a tiny chat student on the spot: a byte-level BPE tokenizer trained on the text packaged
+with gadchat (``gadchat/resources/tokenizer_corpus.jsonl``) and a randomly initialised Qwen2 model
+sized for CPU tests.
 
 No model hub is needed. The tokenizer follows Qwen2's own pre-tokenization pipeline (NFC, Qwen2's
 split regex, ByteLevel without its regex) so that transformers loads the folder as a Qwen2
@@ -34,20 +35,34 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
-DEFAULT_CORPUS = Path(__file__).resolve().parent.parent / "data" / "alpaca_eval_gpt4o" / "train.jsonl"
+
+def default_corpus():
+    """The packaged tokenizer corpus (``gadchat/resources/tokenizer_corpus.jsonl``): the prompt and
+    teacher-response texts of the shipped ``data/alpaca_eval_gpt4o/train.jsonl``, in order."""
+    from gadchat.resources import TOKENIZER_CORPUS, resource
+
+    return resource(TOKENIZER_CORPUS)
 
 
-def _corpus_lines(corpus: Path):
-    with open(corpus, encoding="utf-8") as handle:
+def _corpus_lines(corpus=None):
+    """The texts of ``corpus`` in order: a line holding a JSON string is one text (the packaged
+    corpus); a line holding a row of the published layout gives its messages' contents, then its
+    teacher response. ``None`` = :func:`default_corpus`."""
+    source = default_corpus() if corpus is None else Path(corpus)
+    with source.open(encoding="utf-8") as handle:
         for line in handle:
             row = json.loads(line)
+            if isinstance(row, str):
+                yield row
+                continue
             for message in row.get("content", []):
                 yield message.get("content", "")
             yield row.get("teacher_response", "")
 
 
-def build_tokenizer(out_dir: str | os.PathLike, vocab_size: int = 1024, corpus: Path = DEFAULT_CORPUS):
-    """Train a byte-level BPE tokenizer on ``corpus`` and save it as a Hugging Face folder."""
+def build_tokenizer(out_dir: str | os.PathLike, vocab_size: int = 1024, corpus: str | os.PathLike | None = None):
+    """Train a byte-level BPE tokenizer on ``corpus`` (default: the packaged corpus, see
+    :func:`default_corpus`) and save it as a Hugging Face folder."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -66,7 +81,7 @@ def build_tokenizer(out_dir: str | os.PathLike, vocab_size: int = 1024, corpus: 
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(_corpus_lines(Path(corpus)), trainer=trainer)
+    tokenizer.train_from_iterator(_corpus_lines(corpus), trainer=trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         eos_token=IM_END,

@@ -1,4 +1,4 @@
-"""Losses of GAD (DESIGN.md section 2) against numbers worked out by hand on tiny tensors.
+"""Losses of GAD (docs/algorithm.md section 4) against numbers worked out by hand on tiny tensors.
 
 Every expected value below is written out from the formula, not computed by calling the function
 under test again; the Bradley-Terry test additionally compares against the naive formulation that

@@ -1,0 +1,24 @@
+"""Files shipped inside the ``gadchat`` package, read with :mod:`importlib.resources` so the library
+works from an installed copy as well as from the repository.
+
+- ``judge_prompt.txt``: the default LLM-judge template (LMSYS single-answer grading, ``{question}``
+  and ``{answer}`` placeholders), used by :mod:`gadchat.judge`.
+- ``tokenizer_corpus.jsonl``: the texts the ``builtin:tiny`` tokenizer is trained on
+  (:mod:`gadchat.tiny`), one JSON string a line, in training order: for each row of
+  ``data/alpaca_eval_gpt4o/train.jsonl``, its prompt messages' contents and then its teacher
+  response. Order and content fix the learned merges, so cached tiny models depend on this file
+  byte for byte (``tests/test_packaging.py`` checks it still matches the shipped data).
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+
+JUDGE_PROMPT = "judge_prompt.txt"
+TOKENIZER_CORPUS = "tokenizer_corpus.jsonl"
+
+
+def resource(name: str):
+    """The packaged file ``name``: an ``importlib.resources`` Traversable (``open``, ``read_text``,
+    ``name``; a plain :class:`pathlib.Path` when the package is installed as files)."""
+    return resources.files(__name__) / name
