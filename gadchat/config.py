@@ -4,7 +4,7 @@ Typed dataclasses, one section per component (model, data, rollout, actor, discr
 deepspeed). Every field is a command-line flag ``--section.field VALUE``; an optional YAML file
 (``--config run.yaml``, same nesting) supplies values first, flags override it. A user's own
 DeepSpeed JSON (``--deepspeed.config_file``) is accepted and completed with the batch fields the
-trainer owns. Defaults are the published GAD recipe (DESIGN.md section 2, arXiv 2511.10643
+trainer owns. Defaults are the published GAD recipe (docs/algorithm.md section 6, arXiv 2511.10643
 section 4) except where a field says otherwise; each step's ``main.py`` only picks its stage.
 """
 
@@ -106,6 +106,11 @@ class ActorConfig:
     grad_clip: float = 0.2
     micro_batch_size: int = 8
     """Sequences per forward/backward pass (gradient accumulation covers the rest of the batch)."""
+    micro_batch_tokens: int = 0
+    """> 0: form the actor's micro-batches (SFT, KL, policy, reference, old and teacher log-probs) by
+    this token budget instead of ``micro_batch_size``: rows sorted by length, each micro-batch's
+    padded size (rows x longest row) within the budget, the same count on every rank; the loss stays
+    the exact batch token-mean. 0 = fixed ``micro_batch_size`` rows."""
     clip_eps: float = 0.2
     kl_coef: float = 0.001
     """k3 KL to the frozen reference; 0 disables the reference model entirely."""
@@ -137,6 +142,9 @@ class DiscriminatorConfig:
     grad_clip: float = 0.2
     micro_batch_prompts: int = 1
     """Prompts per forward/backward pass; each brings its teacher sequence and its n samples."""
+    micro_batch_tokens: int = 0
+    """> 0: group prompts into micro-batches by this token budget (each prompt costs its teacher
+    length + n x its longest sample) instead of ``micro_batch_prompts``. 0 = off."""
     freeze: bool = False
     """GAD-stage ablation: keep the discriminator fixed (off-policy reward, reward-hackable)."""
     head_init_std: float = 0.0
@@ -309,6 +317,8 @@ def value_problems(cfg: "GADConfig") -> list:
     number("actor.ppo_epochs", a.ppo_epochs, 1)
     number("actor.mini_batches", a.mini_batches, 1)
     number("discriminator.micro_batch_prompts", c.micro_batch_prompts, 1)
+    number("discriminator.micro_batch_tokens", c.micro_batch_tokens, 0)
+    number("actor.micro_batch_tokens", a.micro_batch_tokens, 0)
     number("discriminator.head_init_std", c.head_init_std, 0)
     # data
     number("data.max_prompt_tokens", d.max_prompt_tokens, 1)
@@ -429,11 +439,18 @@ def apply_overrides(cfg: GADConfig, overrides: dict, source: str) -> GADConfig:
     return cfg
 
 
-def build_parser(description: str = "GAD-Chat training") -> argparse.ArgumentParser:
+def build_parser(description: str = "GAD-Chat training", stage: str | None = None) -> argparse.ArgumentParser:
+    """Every field as ``--section.field``, its help the field's doc and its default (the stage's
+    published default where ``stage`` has one)."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", default="", help="YAML file with the same sections as the flags")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
     defaults = GADConfig()
+    if stage is not None:
+        from gadchat.stages import RECIPES
+
+        if stage in RECIPES:
+            apply_overrides(defaults, RECIPES[stage].defaults, f"stage defaults ({stage})")
     for section_name, obj in _sections(defaults):
         group = parser.add_argument_group(section_name)
         for f in dataclasses.fields(obj):
@@ -450,7 +467,7 @@ def build_parser(description: str = "GAD-Chat training") -> argparse.ArgumentPar
 
 def load_config(argv=None, stage: str | None = None, description: str = "GAD-Chat training") -> GADConfig:
     """Defaults, then the stage's published defaults, then ``--config`` YAML, then flags."""
-    parser = build_parser(description)
+    parser = build_parser(description, stage)
     args = parser.parse_args(argv)
     cfg = GADConfig()
     from_yaml = {}

@@ -22,7 +22,7 @@ from gadchat.config import GADConfig, parse_betas
 from gadchat.logprobs import sequence_log_probs
 from gadchat.models import (attn_implementation, eos_token_ids, load_causal_lm, load_discriminator,
                             load_generation_config, load_tokenizer, resolve_model_path)
-from gadchat.rollout import HFRollout, VLLMRollout, choose_backend
+from gadchat.generation import HFBackend, backend_class
 from gadchat.timing import PhaseTimer
 
 logger = logging.getLogger(__name__)
@@ -146,7 +146,8 @@ class HybridEngine:
                     if name == "teacher":
                         self._check_same_vocabulary(path)
                     self.models[name] = self._build(self.roles[name], path)
-        self.backend = choose_backend(cfg.rollout.backend)
+        self.rollout_class = backend_class(cfg.rollout.backend)  # vLLM (own weights, pushed) or HF (the actor itself)
+        self.backend = self.rollout_class.name
         self.rollout = None
         self._rollout_needs_sync = False
 
@@ -257,8 +258,8 @@ class HybridEngine:
         """Create the rollout backend (vLLM is started after the DeepSpeed engines, as in verl)."""
         r, m, t = self.cfg.rollout, self.cfg.model, self.cfg.trainer
         with self.timer("init_rollout"):
-            if self.backend == "vllm":
-                self.rollout = VLLMRollout(
+            if self.rollout_class.follows_actor:
+                self.rollout = self.rollout_class(
                     self.actor_path, self.tokenizer_path, self.dtype,
                     max_model_len=self.cfg.data.max_prompt_tokens + r.max_new_tokens,
                     eos_ids=self.eos_ids, seed=t.seed + self.rank,
@@ -270,16 +271,16 @@ class HybridEngine:
                 self.rollout = self.actor_generator()
         return self.rollout
 
-    def actor_generator(self) -> HFRollout:
+    def actor_generator(self) -> HFBackend:
         """transformers ``generate`` on the training actor (ZeRO-3-safe with several ranks)."""
-        return HFRollout(self.actor, self.pad_token_id, self.eos_ids, synced_gpus=self.zero3 and self.world_size > 1,
+        return HFBackend(self.actor, self.pad_token_id, self.eos_ids, synced_gpus=self.zero3 and self.world_size > 1,
                          micro_batch_size=self.cfg.rollout.hf_micro_batch_size)
 
     # ------------------------------------------------------------------------------------------
     # rollout
 
     def mark_actor_updated(self):
-        self._rollout_needs_sync = self.backend == "vllm"
+        self._rollout_needs_sync = self.rollout_class.follows_actor
 
     def iter_actor_weights(self):
         """``(hf_name, full_tensor)`` for every actor parameter, gathered from ZeRO-3 in buckets of
@@ -304,7 +305,7 @@ class HybridEngine:
 
     def sync_rollout_weights(self, force: bool = False):
         """Push the actor's current weights into vLLM (in place) when they changed."""
-        if self.rollout is None or self.backend != "vllm" or not (self._rollout_needs_sync or force):
+        if self.rollout is None or not self.rollout.follows_actor or not (self._rollout_needs_sync or force):
             return
         with self.timer("weight_sync"):
             self.rollout.load_weights(self.iter_actor_weights())
@@ -336,11 +337,12 @@ class HybridEngine:
 
     @torch.no_grad()
     def log_probs_no_grad(self, engine, batch: SequenceBatch, micro_batch_size: int, temperature: float = 1.0) -> torch.Tensor:
-        """Log-probs of the whole batch in micro-batches, padded back to the batch width."""
+        """Log-probs of the whole batch in micro-batches (``micro_batch_size`` rows, or the
+        ``actor.micro_batch_tokens`` budget), padded back to the batch width."""
         out = torch.zeros(batch.input_ids.shape[0], batch.input_ids.shape[1] - 1)
-        for start, part in batch.micro_batches(micro_batch_size):
+        for rows, part in batch.micro_batches(micro_batch_size, tokens=self.cfg.actor.micro_batch_tokens):
             values, _ = self.log_probs(engine, part, temperature=temperature)
-            out[start : start + len(part), : values.shape[1]] = values.float().cpu()
+            out[rows, : values.shape[1]] = values.float().cpu()
         return out
 
     def scores(self, batch: SequenceBatch) -> torch.Tensor:
@@ -350,7 +352,12 @@ class HybridEngine:
 
     @torch.no_grad()
     def scores_no_grad(self, batch: SequenceBatch, micro_batch_size: int) -> torch.Tensor:
-        return torch.cat([self.scores(part).float().cpu() for _, part in batch.micro_batches(micro_batch_size)])
+        """Scores of the whole batch in micro-batches (``micro_batch_size`` rows, or the
+        ``discriminator.micro_batch_tokens`` budget)."""
+        out = torch.zeros(len(batch))
+        for rows, part in batch.micro_batches(micro_batch_size, tokens=self.cfg.discriminator.micro_batch_tokens):
+            out[rows] = self.scores(part).float().cpu()
+        return out
 
     # ------------------------------------------------------------------------------------------
     # checks
@@ -388,7 +395,7 @@ class HybridEngine:
           to kernel rounding (fp32 ~1e-6; bf16 ~1e-2, where a near tie can flip a greedy token and
           the match fall below 1 with a correct push); stale or wrong weights give a large gap.
         """
-        if self.backend != "vllm":
+        if not self.rollout_class.follows_actor:
             return {"debug/rollout_greedy_match": 1.0, "debug/rollout_greedy_logprob_gap": 0.0}
         self.sync_rollout_weights()
         rollout = self.rollout.generate(prompts, n=1, temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens,

@@ -3,7 +3,7 @@
 Every rank runs the same script (SPMD) under the ``deepspeed`` launcher, ``torchrun``, or alone.
 On a machine without a GPU DeepSpeed uses its CPU accelerator and the gloo backend; the JIT build
 of its shared-memory all-reduce op (~50 s, only used by inference all-reduce) is skipped
-(FEASIBILITY.md).
+(docs/algorithm.md section 8).
 """
 
 from __future__ import annotations
@@ -142,6 +142,17 @@ def any_rank(flag: bool) -> bool:
     tensor = torch.tensor([1.0 if flag else 0.0], dtype=torch.float64, device=device())
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return bool(tensor.item())
+
+
+def max_over_ranks(value: int) -> int:
+    """The largest of every rank's ``value`` (one collective; ``value`` itself when alone)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return int(value)
+    tensor = torch.tensor([float(value)], dtype=torch.float64, device=device())
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor.item())
 
 
 def _same_keys_on_all_ranks(values: dict) -> list:

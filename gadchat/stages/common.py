@@ -11,7 +11,7 @@ import zlib
 import torch
 
 from gadchat import runtime
-from gadchat.batch import SequenceBatch
+from gadchat.batch import SequenceBatch, same_count_on_every_rank
 from gadchat.data import eval_data_config, load_teacher_data
 from gadchat.diagnostics import reward_step_metrics
 from gadchat.losses import bradley_terry_loss, discriminator_metrics, kl_loss, masked_mean, ppo_clip_loss
@@ -67,21 +67,32 @@ def discriminator_update(run, teacher: SequenceBatch, student: SequenceBatch):
     prompt's ``n`` samples), micro-batched by prompt. Returns the metrics and the student scores
     of the forward pass, taken before this step's update (the GAD stage's rewards)."""
     engine, n, prompts = run.engine, run.cfg.rollout.n, len(teacher)
-    per_micro = max(1, run.cfg.discriminator.micro_batch_prompts)
-    starts = range(0, prompts, per_micro)
-    teacher_scores, student_scores = [], []
-    with engine.timer("discriminator_update"), engine.update("discriminator", len(starts)) as update:
-        for start in starts:
-            end = min(start + per_micro, prompts)
-            t_scores = engine.scores(teacher.slice(start, end))
-            s_scores = engine.scores(student.slice(start * n, end * n)).view(end - start, n)
-            teacher_scores.append(t_scores.detach().cpu())
-            student_scores.append(s_scores.detach().cpu())
-            update.backward(bradley_terry_loss(t_scores, s_scores) * ((end - start) / prompts))
-    t_all, s_all = torch.cat(teacher_scores), torch.cat(student_scores)
+    groups = prompt_groups(run.cfg.discriminator, teacher, student, n)
+    t_all, s_all = torch.zeros(prompts), torch.zeros(prompts, n)
+    with engine.timer("discriminator_update"), engine.update("discriminator", len(groups)) as update:
+        for group in groups:
+            rows = torch.tensor(group, dtype=torch.long)
+            samples = (rows.unsqueeze(1) * n + torch.arange(n)).reshape(-1)  # the group's n samples each
+            t_scores = engine.scores(teacher.select(rows))
+            s_scores = engine.scores(student.select(samples)).view(len(group), n)
+            t_all[rows], s_all[rows] = t_scores.detach().float().cpu(), s_scores.detach().float().cpu()
+            update.backward(bradley_terry_loss(t_scores, s_scores) * (len(group) / prompts))
     metrics = {"discriminator/d_loss": update.loss}
     metrics.update({f"discriminator/{k}": v for k, v in discriminator_metrics(t_all, s_all).items()})
     return metrics, s_all
+
+
+def prompt_groups(section, teacher: SequenceBatch, student: SequenceBatch, n: int) -> list:
+    """The prompts of each discriminator micro-batch (a prompt brings its teacher sequence and its
+    ``n`` samples): ``micro_batch_prompts`` consecutive ones, or by the ``micro_batch_tokens``
+    budget over each prompt's padded tokens (teacher length + n x its longest sample)."""
+    prompts = len(teacher)
+    if section.micro_batch_tokens <= 0:
+        per = max(1, section.micro_batch_prompts)
+        return [list(range(start, min(start + per, prompts))) for start in range(0, prompts, per)]
+    longest_sample = (student.last_index + 1).view(prompts, n).max(dim=1).values
+    cost = ((teacher.last_index + 1) + n * longest_sample).tolist()
+    return same_count_on_every_rank(cost, section.micro_batch_tokens)
 
 
 def discriminator_scores(run, teacher: SequenceBatch, student: SequenceBatch):
@@ -159,23 +170,22 @@ def policy_update(run, student: SequenceBatch, advantages: torch.Tensor, ref: to
             for mini_start in range(0, rows, mini_size):
                 mini_end = min(rows, mini_start + mini_size)
                 denominator = student.target_mask[mini_start:mini_end].sum().clamp(min=1)
-                parts = student.micro_batches(a.micro_batch_size, mini_start, mini_end)
+                parts = student.micro_batches(a.micro_batch_size, mini_start, mini_end, tokens=a.micro_batch_tokens)
                 with engine.update("actor", len(parts)) as update:
-                    for start, part in parts:
-                        end = start + len(part)
+                    for picked, part in parts:
                         log_probs, entropy = engine.log_probs(engine.actor, part, with_entropy=a.entropy_coef > 0,
                                                               temperature=temperature)
                         mask = part.target_mask.to(log_probs.device)
                         width = log_probs.shape[1]
-                        old_lp = log_probs.detach() if old is None else old[start:end, :width].to(log_probs.device)
-                        adv = advantages[start:end] if advantages.dim() == 1 else advantages[start:end, :width]
+                        old_lp = log_probs.detach() if old is None else old[picked, :width].to(log_probs.device)
+                        adv = advantages[picked] if advantages.dim() == 1 else advantages[picked, :width]
                         adv = adv.to(log_probs.device)
                         pg, clip_fraction = ppo_clip_loss(log_probs, old_lp, adv, mask, a.clip_eps, denominator)
                         loss = pg
                         sums["pg_loss"] += float(pg.detach())
                         sums["clip_fraction"] += float(clip_fraction) * float(mask.sum() / denominator)
                         if ref is not None and a.kl_coef > 0:
-                            kl = kl_loss(log_probs, ref[start:end, :width].to(log_probs.device), mask, denominator)
+                            kl = kl_loss(log_probs, ref[picked, :width].to(log_probs.device), mask, denominator)
                             loss = loss + a.kl_coef * kl
                             sums["kl"] += float(kl.detach())
                         if entropy is not None:

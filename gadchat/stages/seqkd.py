@@ -31,7 +31,7 @@ class SeqKD(Recipe):
         tokens = float(teacher.target_mask.sum())
         temperature = common.sft_temperature(cfg)
 
-        parts = teacher.micro_batches(cfg.actor.micro_batch_size)
+        parts = teacher.micro_batches(cfg.actor.micro_batch_size, tokens=cfg.actor.micro_batch_tokens)
         with engine.timer("actor_update"), engine.update("actor", len(parts)) as update:
             for _, part in parts:
                 log_probs, _ = engine.log_probs(engine.actor, part, temperature=temperature)

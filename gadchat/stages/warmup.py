@@ -47,8 +47,8 @@ class Warmup(Recipe):
         metrics["actor/updated"] = float(step >= cfg.trainer.discriminator_warmup)
         if step >= cfg.trainer.discriminator_warmup:
             ref = common.reference_log_probs(run, student) if a.kl_coef > 0 else None
-            sft_parts = teacher.micro_batches(a.micro_batch_size)
-            kl_parts = student.micro_batches(a.micro_batch_size) if ref is not None else []
+            sft_parts = teacher.micro_batches(a.micro_batch_size, tokens=a.micro_batch_tokens)
+            kl_parts = student.micro_batches(a.micro_batch_size, tokens=a.micro_batch_tokens) if ref is not None else []
             sft_tokens = float(teacher.target_mask.sum())
             kl_tokens = student.target_mask.sum().clamp(min=1)
             kl_values = []
@@ -56,9 +56,9 @@ class Warmup(Recipe):
                 for _, part in sft_parts:
                     log_probs, _ = engine.log_probs(engine.actor, part, temperature=common.sft_temperature(cfg))
                     update.backward(sft_loss(log_probs, part.target_mask.to(log_probs.device), denominator=sft_tokens))
-                for start, part in kl_parts:
+                for rows, part in kl_parts:
                     log_probs, _ = engine.log_probs(engine.actor, part, temperature=common.sample_temperature(cfg))
-                    ref_part = ref[start : start + len(part), : log_probs.shape[1]].to(log_probs.device)
+                    ref_part = ref[rows, : log_probs.shape[1]].to(log_probs.device)
                     kl = kl_loss(log_probs, ref_part, part.target_mask.to(log_probs.device), denominator=kl_tokens)
                     kl_values.append(float(kl.detach()))
                     update.backward(a.kl_coef * kl)
