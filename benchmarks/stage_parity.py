@@ -103,6 +103,8 @@ def main(argv=None) -> int:
     parser.add_argument("--backend", default="hf", choices=("hf", "vllm"))
     parser.add_argument("--out", help="JSON file to write the metrics to")
     parser.add_argument("--compare", nargs=2, metavar=("BEFORE", "AFTER"), help="compare two recorded files")
+    parser.add_argument("--save", default="", metavar="LABEL", help="with --compare: store the comparison in "
+                        "benchmarks/results/11_stage_parity_LABEL.json and RESULTS.md")
     args = parser.parse_args(argv)
     if args.compare:
         before, after = (json.loads(Path(p).read_text()) for p in args.compare)
@@ -111,6 +113,23 @@ def main(argv=None) -> int:
         print(f"{len(problems)} differences over {keys} values" + ("" if not problems else ":"))
         for line in problems[:50]:
             print("  " + line)
+        if args.save:
+            sys.path.insert(0, str(HERE))
+            from benchmarks import common
+
+            result = {
+                "title": f"11. Stage parity across a refactor ({args.save})",
+                "description": ("Every logged value (timings, throughput and memory left out) of SeqKD, warm-up and GAD, "
+                                "3 steps each, 2 ranks at ZeRO-3, seed 7, recorded before and after, compared for "
+                                "bit-identity (benchmarks/stage_parity.py)."),
+                "table": {"columns": ["stage", "rows", "values", "differences"],
+                          "rows": [[stage, len(rows), sum(len(r) for r in rows),
+                                    sum(1 for p in problems if p.startswith(stage + " "))]
+                                   for stage, rows in before.items()]},
+                "notes": [f"{len(problems)} differences over {keys} values"] + problems[:10],
+            }
+            command = "python benchmarks/stage_parity.py " + " ".join(argv if argv is not None else sys.argv[1:])
+            print(f"saved {common.save_result('11_stage_parity_' + args.save, result, command)}")
         return 1 if problems else 0
     if not args.out:
         parser.error("--out is required unless --compare")
