@@ -10,7 +10,10 @@ optimizer steps (``seqkd`` steps = warm-up actor steps + GAD steps):
 - ``seqkd``: SFT on the teacher's answers;
 - ``warmup``: GAD warm-up (discriminator only for ``discriminator_warmup`` steps, then SFT + discriminator);
 - ``gad``: the warm-up followed by the GAD stage;
-- ``gad_frozen``: the same with the discriminator frozen (the reward-hacking ablation).
+- ``gad_frozen``: the same with the discriminator frozen (the reward-hacking ablation);
+- ``opd``: white-box on-policy distillation from the start (the ``opd`` stage: the student's samples
+  scored token by token by the teacher model itself), the upper bound of what the teacher's
+  likelihoods buy; reported with the share of its gain over the start that GAD recovers.
 
 Each arm is evaluated on the held-out prompts (:func:`gadchat.known_teacher.evaluate_against_teacher`);
 the GAD stages log the reward diagnostics (``--model.teacher_path``). Output: per-seed
@@ -36,10 +39,11 @@ from types import SimpleNamespace
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "configs" / "known_teacher.yaml"
-ARMS = ("start", "seqkd", "warmup", "gad", "gad_frozen")
+ARMS = ("start", "seqkd", "warmup", "gad", "gad_frozen", "opd")
 # The search on this set-up (benchmarks/RESULTS.md): the recipe's actor lr (1e-3, tuned for SFT of the
 # tiny student) makes the policy outrun the discriminator in the GAD stage and collapse; 2e-5 was stable.
 DEFAULT_GAD_FLAGS = "--actor.lr 2e-5"
+DEFAULT_OPD_FLAGS = "--actor.lr 1e-3"  # the recipe's SFT lr; 1e-4 left OPD level with SeqKD (RESULTS.md)
 TEACHER_MAX_NEW_TOKENS = 128  # the teacher data's cap; the recipe's rollouts use the same
 METRICS = [  # (key, label, lower is better)
     ("reverse_kl", "reverse KL / token", True),
@@ -96,6 +100,9 @@ def stage_plan(arm: str, args) -> list:
         return [warmup, ("gad", "gad" + suffix, "warmup", gad_flags)]
     if arm == "gad_frozen":
         return [warmup, ("gad", "gad_frozen" + suffix, "warmup", gad_flags + ["--discriminator.freeze", "true"])]
+    if arm == "opd":  # the same actor steps as SeqKD, from the start
+        return [("opd", "opd" + suffix, None, ["--trainer.max_steps", warm_actor_steps + args.gad_steps,
+                                               *shlex.split(args.opd_flags)])]
     raise ValueError(arm)
 
 
@@ -113,7 +120,7 @@ def train_seed(seed: int, arms: list, paths: dict, args, extra: list) -> dict:
             output = root / name / "run"
             common = ["--config", RECIPE, "--data.train_files", paths["train"], "--data.eval_files", paths["test"],
                       "--trainer.seed", seed, "--trainer.tensorboard", "true"]
-            if stage != "seqkd" and not args.no_diagnostics:
+            if stage == "opd" or (stage != "seqkd" and not args.no_diagnostics):  # opd trains on the teacher
                 common += ["--model.teacher_path", paths["teacher"]]
             init = runs[init_name] if init_name else None
             wall[name] = run_stage(stage, launcher, output, init, [str(v) for v in common + flags + extra])
@@ -189,6 +196,11 @@ def goal_checks(summary: dict) -> list:
     if have("gad_frozen", "gad"):
         f, g = summary["gad_frozen"]["reverse_kl"][0], summary["gad"]["reverse_kl"][0]
         checks.append((f"frozen-discriminator GAD ends further from the teacher (reverse KL {f:.3f} vs {g:.3f})", f > g))
+    if have("opd", "gad", "start"):
+        o, g, b = (summary[arm]["reverse_kl"][0] for arm in ("opd", "gad", "start"))
+        share = (b - g) / (b - o) if b != o else float("nan")
+        checks.append((f"white-box OPD reverse KL {o:.3f} below the start's {b:.3f}; black-box GAD ({g:.3f}) "
+                       f"recovers {share:.0%} of that gain", o < b))
     return checks
 
 
@@ -295,8 +307,9 @@ def main(argv=None) -> int:
     parser.add_argument("--gad-steps", type=int, default=30)
     parser.add_argument("--gad-flags", default=DEFAULT_GAD_FLAGS, help="extra flags for the GAD stages only, as one "
                         "string (default: the GAD actor learning rate found best in the search, benchmarks/RESULTS.md)")
-    parser.add_argument("--variant", default="", help="a name for this GAD setting: its runs go to gad_NAME and "
-                        "gad_frozen_NAME beside the shared warm-up and SeqKD runs of the same --output-dir")
+    parser.add_argument("--opd-flags", default=DEFAULT_OPD_FLAGS, help="extra flags for the opd stage only, as one string")
+    parser.add_argument("--variant", default="", help="a name for this GAD/OPD setting: its runs go to gad_NAME, "
+                        "gad_frozen_NAME and opd_NAME beside the shared warm-up and SeqKD runs of the same --output-dir")
     parser.add_argument("--num-procs", type=int, default=2, help="ranks per stage")
     parser.add_argument("--eval-prompts", type=int, default=0, help="held-out prompts to evaluate on (0 = all)")
     parser.add_argument("--eval-samples", type=int, default=2, help="student samples per held-out prompt")
@@ -333,7 +346,7 @@ def main(argv=None) -> int:
         runs = trained[seed]["runs"]
         suffix = f"_{args.variant}" if args.variant else ""
         models = {arm: (paths["student"] if arm == "start" else
-                        str(runs[arm + suffix if arm.startswith("gad") else arm])) for arm in arms}
+                        str(runs[arm + suffix if arm.startswith("gad") or arm == "opd" else arm])) for arm in arms}
         per_seed[seed] = evaluate_cached(models, paths, heldout, args, seed, out)
     teacher_self = evaluate_cached({"teacher": paths["teacher"]}, paths, heldout, args, 0, out)["teacher"]
     summary = summarise(per_seed, arms)

@@ -231,7 +231,7 @@ def test_algorithm_doc_is_in_the_repository_and_nothing_points_outside_it():
     doc = REPO / "docs" / "algorithm.md"
     assert doc.is_file()
     text = doc.read_text(encoding="utf-8")
-    for section in ("## 2. The three stages", "### 3.3 EOS symmetry", "## 4. Losses and advantages",
+    for section in ("## 2. The stages", "### 3.3 EOS symmetry", "## 4. Losses and advantages",
                     "## 6. Published hyper-parameters", "## 7. The hybrid engine", "## 8. Running on a CPU machine"):
         assert section in text
     pattern = re.compile(r"\bDESIGN\b|FEASIBILITY\.md|(?<![\w-])shared/")  # the old notes and their folder
