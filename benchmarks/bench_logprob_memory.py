@@ -65,7 +65,7 @@ def child(checkpointing: bool, chunk: int, batch: int, tokens: int, response_tok
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from gadchat.batch import SequenceBatch
-from gadchat.logprobs import sequence_log_probs
+    from gadchat.logprobs import sequence_log_probs
 
     torch.manual_seed(0)
     config = Qwen2Config(**QWEN25_SHAPE, max_position_embeddings=max(4096, tokens), use_cache=False)

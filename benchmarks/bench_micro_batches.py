@@ -63,7 +63,6 @@ def main(argv=None) -> int:
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from gadchat.batch import SequenceBatch
     from gadchat.logprobs import sequence_log_probs
     from gadchat.losses import bradley_terry_loss, ppo_clip_loss
     from gadchat.models import Discriminator

@@ -53,7 +53,7 @@ def main_for(stage: str, argv=None) -> None:
     """Run ``stage`` with the flags ``argv`` (default: the command line); configuration, data and
     checkpoint errors exit 2 with one line, a diverged run exits 3."""
     from gadchat.checkpoint import CheckpointError
-    from gadchat.trainer import NonFiniteError
+    from gadchat.nonfinite import NonFiniteError
 
     try:
         run_stage(stage, argv)

@@ -4,6 +4,8 @@ hidden states and the LM head)."""
 
 from __future__ import annotations
 
+import torch
+
 from gadchat.batch import SequenceBatch
 from gadchat.losses import chunked_token_log_probs, token_entropy, token_log_probs
 

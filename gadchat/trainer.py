@@ -18,7 +18,7 @@ from gadchat.config import GADConfig, save_config
 from gadchat.data import PromptSchedule, load_teacher_data
 from gadchat.engine import HybridEngine
 from gadchat.metrics_log import MetricsLogger
-from gadchat.nonfinite import NonFiniteError, NonFiniteGuard  # noqa: F401  (NonFiniteError: the CLI's exit 3)
+from gadchat.nonfinite import NonFiniteGuard
 from gadchat.stages import common, recipe
 
 logger = logging.getLogger("gadchat")

@@ -18,7 +18,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from gadchat.checkpoint import CheckpointError, export_from_checkpoint, latest_checkpoint
+from gadchat.checkpoint import CheckpointError, latest_checkpoint
+from gadchat.hf_export import export_from_checkpoint
 
 
 def main(argv=None) -> int:

@@ -11,8 +11,7 @@ STAGE=${1:?usage: launch.sh STAGE DEPLOYMENT [flags]}
 DEPLOYMENT=${2:?usage: launch.sh STAGE DEPLOYMENT [flags]}
 shift 2
 # The stage's step folder, from the stage registry (gadchat/stages/__init__.py).
-STEP_MAIN=$(cd "$ROOT" && python3 -c 'import sys; from gadchat.stages import step_main; print(step_main(sys.argv[1]))' "$STAGE" 2>/dev/null) || {
-  echo "launch.sh: unknown stage '$STAGE' ($(cd "$ROOT" && python3 -c 'from gadchat.stages import STAGES; print(", ".join(STAGES))'))" >&2; exit 2; }
+STEP_MAIN=$(cd "$ROOT" && python3 -m gadchat.stages "$STAGE") || exit 2  # it names the known stages
 PORT=${MASTER_PORT:-$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
 case "$DEPLOYMENT" in
   cpu)
