@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-PHASES = ["generate", "score", "discriminator_update", "ref_log_probs", "actor_update", "weight_sync"]
+PHASES = ["generate", "score", "discriminator_update", "reference_log_probs", "actor_update", "weight_sync"]
 
 
 def run_stage(stage: str, steps: int, out: Path, extra: list) -> tuple[list, float, float]:

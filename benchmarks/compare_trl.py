@@ -149,7 +149,7 @@ def main(argv=None):
     for name, s in summary.items():
         ph = s["phases"]
         rows.append([labels[name], s["median_step_s"], s["steps"], ph.get("generate"), ph.get("discriminator_update", ph.get("score")),
-                     ph.get("ref_log_probs"), ph.get("actor_update"), ph.get("weight_sync"),
+                     ph.get("reference_log_probs"), ph.get("actor_update"), ph.get("weight_sync"),
                      (ours / s["median_step_s"]) if ours else None, s["mean_response_length"], s["peak_rss_mib"]])
     for name, why in failed.items():
         rows.append([labels[name] + f" — did not run: {why.splitlines()[0][:160]}"] + [None] * 10)

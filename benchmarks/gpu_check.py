@@ -69,7 +69,7 @@ def build(out_dir: str) -> None:
 def report(work_dir: str, runs: list) -> None:
     work = Path(work_dir)
     rows, notes = [], []
-    phases = ("generate", "weight_sync", "discriminator_update", "ref_log_probs", "actor_update", "step")
+    phases = ("generate", "weight_sync", "discriminator_update", "reference_log_probs", "actor_update", "step")
     for item in runs:
         name, rc = item.split("=", 1)
         metrics_path = work / name / "metrics.jsonl"
@@ -81,7 +81,7 @@ def report(work_dir: str, runs: list) -> None:
         row = [name, int(rc)]
         for phase in phases:
             row.append(last.get(f"time/{phase}"))
-        for phase in ("generate", "discriminator_update", "ref_log_probs", "actor_update"):
+        for phase in ("generate", "discriminator_update", "reference_log_probs", "actor_update"):
             row.append(last.get(f"mem/{phase}_peak_gib"))
         row.append(max([v for k, v in last.items() if k.endswith("_device_gib")], default=None))
         row.append(last.get("debug/rollout_greedy_match"))

@@ -28,7 +28,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent.parent
 VOLATILE = ("time/", "throughput/", "mem/")
-RENAMES = (("critic/", "discriminator/"), ("digest/critic", "digest/discriminator"))
+RENAMES = (("critic/", "discriminator/"), ("digest/critic", "digest/discriminator"))  # key prefixes
+EXACT_RENAMES = {"digest/ref": "digest/reference"}
 
 
 def _port() -> int:
@@ -75,6 +76,7 @@ def normalise(rows: list) -> list:
     for row in rows:
         renamed = {}
         for key, value in row.items():
+            key = EXACT_RENAMES.get(key, key)
             for old, new in RENAMES:
                 if key.startswith(old):
                     key = new + key[len(old):]

@@ -159,7 +159,7 @@ class HybridEngine:
         return self.models["actor"]
 
     @property
-    def ref(self):
+    def reference(self):
         return self.models.get("reference")
 
     @property
@@ -414,3 +414,8 @@ class HybridEngine:
             gaps = (log_probs.max(dim=-1).values - picked) * part.target_mask
             gap = max(gap, float(gaps.max()) if gaps.numel() else 0.0)
         return {"debug/rollout_greedy_match": match, "debug/rollout_greedy_logprob_gap": gap}
+
+    def eval_mode(self) -> None:
+        """Every role's model in eval mode (as after each update; for probes and evaluation)."""
+        for engine in self.models.values():
+            engine.eval()

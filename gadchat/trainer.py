@@ -143,6 +143,5 @@ class StageTrainer:
 
     def param_digests(self) -> dict:
         """``digest/<role>``: a sum over every weight of each role (which models moved)."""
-        names = {"reference": "ref"}
-        return {f"digest/{names.get(name, name)}": self.engine.param_digest(engine)
+        return {f"digest/{name}": self.engine.param_digest(engine)
                 for name, engine in self.engine.models.items() if name != "teacher"}

@@ -31,7 +31,7 @@ def test_bf16_warmup_and_gad_steps_under_zero3(tiny_model, tmp_path, backend):
         initial, row = read_metrics(out)
         assert row["actor/updated"] == 1.0 and math.isfinite(row[loss]) and math.isfinite(row["discriminator/d_loss"])
         assert row["digest/actor"] != initial["digest/actor"] and row["digest/discriminator"] != initial["digest/discriminator"]
-        assert row["digest/ref"] == initial["digest/ref"] if "digest/ref" in row else True
+        assert row["digest/reference"] == initial["digest/reference"] if "digest/reference" in row else True
         assert row["debug/rollout_greedy_logprob_gap"] < BF16_GAP, row
         if not backend_class(backend).follows_actor:  # generates with the actor itself: exact
             assert row["debug/rollout_greedy_match"] == 1.0

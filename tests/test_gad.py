@@ -33,18 +33,18 @@ def test_gad_steps_move_actor_and_discriminator_never_the_reference(tiny_model, 
     rows = read_metrics(out)
     initial, steps = rows[0], rows[1:]
     assert len(steps) == 3
-    assert initial["digest/ref"] == initial["digest/actor"]  # the reference is the actor as loaded
+    assert initial["digest/reference"] == initial["digest/actor"]  # the reference is the actor as loaded
     previous = initial
     for row in steps:
         assert row["digest/actor"] != previous["digest/actor"]
         assert row["digest/discriminator"] != previous["digest/discriminator"]
-        assert row["digest/ref"] == initial["digest/ref"]
+        assert row["digest/reference"] == initial["digest/reference"]
         previous = row
     assert steps[0]["actor/kl"] == pytest.approx(0.0, abs=1e-7)  # policy == reference at the first step
     assert steps[-1]["actor/kl"] > 0
     for key in ("reward/mean", "reward/std", "advantage/mean", "advantage/std", "actor/pg_loss", "actor/clip_fraction",
                 "discriminator/d_acc", "discriminator/d_loss", "response_length/mean", "time/generate", "time/discriminator_update",
-                "time/ref_log_probs", "time/actor_update"):
+                "time/reference_log_probs", "time/actor_update"):
         assert all(key in row for row in steps), key
     # GRPO advantages are normalised per prompt group: mean 0 over the batch.
     assert all(abs(row["advantage/mean"]) < 1e-5 for row in steps)

@@ -160,9 +160,11 @@ def test_a_torn_export_is_never_taken_for_a_finished_one(tiny_model, tmp_path):
 
     from gadchat.checkpoint import CheckpointError, handoff_paths
     from gadchat.config import load_config
+    from gadchat.stages import RECIPES
 
     with pytest.raises(CheckpointError, match="no complete export"):
-        handoff_paths(load_config(["--trainer.init_from", str(out)], stage="gad"))
+        cfg = load_config(["--trainer.init_from", str(out)], stage="gad")
+        handoff_paths(cfg, RECIPES["gad"].roles(cfg))
 
     result = launch("warmup", 1, short_args(tiny_model, out, steps=2))
     assert "already finished" in result.stdout + result.stderr
@@ -242,5 +244,5 @@ def test_free_space_check_names_the_folder_and_sizes(tmp_path):
 def test_gad_stage_logs_the_models_it_starts_from(tiny_model, finished_run, tmp_path):
     result = launch("gad", 1, short_args(tiny_model, tmp_path / "gad", "--trainer.init_from", finished_run, steps=1))
     text = result.stdout + result.stderr
-    assert (f"stage gad starts from actor {finished_run / 'final' / 'actor'} and discriminator "
-            f"{finished_run / 'final' / 'discriminator'}") in text
+    assert (f"stage gad: actor trains from {finished_run / 'final' / 'actor'}; discriminator trains from "
+            f"{finished_run / 'final' / 'discriminator'}; reference frozen from {finished_run / 'final' / 'actor'}") in text

@@ -88,7 +88,7 @@ def build():
         t = time.perf_counter()
         with torch.no_grad():
             ref_lps = [logp(ref, c[0], c[1]) for c in chunks]
-        times["ref_log_probs"] = time.perf_counter() - t
+        times["reference_log_probs"] = time.perf_counter() - t
 
         t = time.perf_counter()
         total = mask.sum()

@@ -111,10 +111,10 @@ def discriminator_scores(run, teacher: SequenceBatch, student: SequenceBatch):
 def reference_log_probs(run, student: SequenceBatch) -> torch.Tensor | None:
     """The frozen reference's log-probs ``[B, T-1]`` of the samples at the sampling temperature
     (``None`` when the stage has no reference: ``actor.kl_coef`` 0)."""
-    if run.engine.ref is None:
+    if run.engine.reference is None:
         return None
-    with run.engine.timer("ref_log_probs"):
-        return run.engine.log_probs_no_grad(run.engine.ref, student, run.cfg.actor.micro_batch_size,
+    with run.engine.timer("reference_log_probs"):
+        return run.engine.log_probs_no_grad(run.engine.reference, student, run.cfg.actor.micro_batch_size,
                                             temperature=sample_temperature(run.cfg))
 
 

@@ -20,6 +20,7 @@ import torch  # noqa: E402
 from deepspeed.utils import safe_get_full_grad  # noqa: E402
 
 from gadchat.config import load_config  # noqa: E402
+from gadchat.stages.common import teacher_batch  # noqa: E402
 from gadchat.trainer import StageTrainer  # noqa: E402
 
 cfg = load_config(sys.argv[1:])
@@ -28,7 +29,7 @@ engine = trainer.engine
 out = {"stage": cfg.trainer.stage, "world_size": trainer.world_size}
 
 # (1) chunked == plain under the real engine, values and gradients
-student = trainer.teacher_batch([trainer.examples[i] for i in trainer.schedule.rank_indices(0)])
+student = teacher_batch(trainer, [trainer.examples[i] for i in trainer.schedule.rank_indices(0)])
 part = student.slice(0, 4)
 mask = part.target_mask
 results = {}
