@@ -46,7 +46,11 @@ def run_stage(stage: str, argv=None) -> dict:
     from gadchat.trainer import StageTrainer
 
     cfg = load_config(argv, stage=stage, description=stage_description(stage)).check_paths()
-    return StageTrainer(cfg).run()
+    result = StageTrainer(cfg).run()
+    # Leave together: a rank that exits while another is still in a collective (e.g. the short
+    # "already finished" path right after a checkpoint load) can make gloo abort the process.
+    runtime.barrier()
+    return result
 
 
 def main_for(stage: str, argv=None) -> None:
