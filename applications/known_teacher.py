@@ -344,9 +344,8 @@ def main(argv=None) -> int:
     per_seed = {}
     for seed in args.seeds:
         runs = trained[seed]["runs"]
-        suffix = f"_{args.variant}" if args.variant else ""
-        models = {arm: (paths["student"] if arm == "start" else
-                        str(runs[arm + suffix if arm.startswith("gad") or arm == "opd" else arm])) for arm in arms}
+        models = {arm: (paths["student"] if arm == "start" else str(runs[stage_plan(arm, args)[-1][1]]))
+                  for arm in arms}  # an arm's model is its last stage's run
         per_seed[seed] = evaluate_cached(models, paths, heldout, args, seed, out)
     teacher_self = evaluate_cached({"teacher": paths["teacher"]}, paths, heldout, args, 0, out)["teacher"]
     summary = summarise(per_seed, arms)

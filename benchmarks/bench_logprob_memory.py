@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -165,8 +164,7 @@ def main(argv=None) -> None:
         "notes": notes,
     }
     if args.save:
-        command = " ".join(["python benchmarks/bench_logprob_memory.py", *(argv if argv is not None else sys.argv[1:])])
-        print(f"saved {common.save_result('9_logprob_memory', result, command)}")
+        print(f"saved {common.save_result('9_logprob_memory', result, common.command_line(__file__, argv))}")
     else:
         print(json.dumps(result, indent=1))
 

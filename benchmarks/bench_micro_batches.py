@@ -66,7 +66,8 @@ def main(argv=None) -> int:
     from gadchat.logprobs import sequence_log_probs
     from gadchat.losses import bradley_terry_loss, ppo_clip_loss
     from gadchat.models import Discriminator
-    from gadchat.stages.common import prompt_groups
+    from gadchat.config import DiscriminatorConfig
+    from gadchat.stages.common import prompt_groups, sample_rows
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompts", type=int, default=8)
@@ -105,8 +106,7 @@ def main(argv=None) -> int:
     def discriminator_pass(groups):
         for group in groups:
             rows = torch.tensor(group)
-            samples = (rows.unsqueeze(1) * args.n + torch.arange(args.n)).reshape(-1)
-            t_part, s_part = teacher.select(rows), student.select(samples)
+            t_part, s_part = teacher.select(rows), student.select(sample_rows(rows, args.n))
             t = discriminator(t_part.input_ids, t_part.attention_mask, t_part.last_index, t_part.response_mask)
             s = discriminator(s_part.input_ids, s_part.attention_mask, s_part.last_index,
                               s_part.response_mask).view(len(group), args.n)
@@ -116,14 +116,13 @@ def main(argv=None) -> int:
         real = padded = 0
         for group in groups:
             rows = torch.tensor(group)
-            samples = (rows.unsqueeze(1) * args.n + torch.arange(args.n)).reshape(-1)
-            for part in (teacher.select(rows), student.select(samples)):
+            for part in (teacher.select(rows), student.select(sample_rows(rows, args.n))):
                 padded += part.input_ids.numel()
                 real += int(part.attention_mask.sum())
         return 1 - real / padded
 
-    fixed_d = SimpleSection(args.d_prompts, 0)
-    budget_d = SimpleSection(args.d_prompts, args.d_tokens)
+    fixed_d = DiscriminatorConfig(micro_batch_prompts=args.d_prompts, micro_batch_tokens=0)
+    budget_d = DiscriminatorConfig(micro_batch_prompts=args.d_prompts, micro_batch_tokens=args.d_tokens)
     cases = {
         "actor, fixed": lambda: student.micro_batches(args.rows),
         "actor, token budget": lambda: student.micro_batches(args.rows, tokens=args.actor_tokens),
@@ -172,16 +171,8 @@ def main(argv=None) -> int:
         "notes": notes,
     }
     if args.save:
-        command = " ".join(["python benchmarks/bench_micro_batches.py", *(argv if argv is not None else sys.argv[1:])])
-        print(f"saved {common.save_result('10_micro_batches', result, command)}")
+        print(f"saved {common.save_result('10_micro_batches', result, common.command_line(__file__, argv))}")
     return 0
-
-
-class SimpleSection:
-    """The two discriminator fields :func:`gadchat.stages.common.prompt_groups` reads."""
-
-    def __init__(self, micro_batch_prompts: int, micro_batch_tokens: int):
-        self.micro_batch_prompts, self.micro_batch_tokens = micro_batch_prompts, micro_batch_tokens
 
 
 if __name__ == "__main__":

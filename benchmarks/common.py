@@ -126,6 +126,12 @@ def git_commit() -> str:
         return "?"
 
 
+def command_line(script: str, argv=None) -> str:
+    """How a benchmark was run, for its stored result: ``python benchmarks/<script> ARGS`` (``argv``,
+    else the process's own arguments)."""
+    return " ".join(["python", f"benchmarks/{Path(script).name}", *(sys.argv[1:] if argv is None else argv)])
+
+
 def save_result(name: str, result: dict, command: str) -> Path:
     """Store one measurement with its context and re-render RESULTS.md."""
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)

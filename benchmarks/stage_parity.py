@@ -38,14 +38,14 @@ def _port() -> int:
         return sock.getsockname()[1]
 
 
-def _flags(repo: Path, section: str) -> str:
+def _discriminator_section(repo: Path) -> str:
     """The discriminator's flag section in ``repo`` (``critic`` before the rename)."""
     text = (repo / "gadchat" / "config.py").read_text()
     return "discriminator" if "class DiscriminatorConfig" in text else "critic"
 
 
 def run_stages(repo: Path, backend: str, workdir: Path) -> dict:
-    d = _flags(repo, "discriminator")
+    d = _discriminator_section(repo)
     gate = "discriminator_warmup" if d == "discriminator" else "critic_warmup"
     common = ["--config", str(repo / "configs" / "cpu_tiny.yaml"), "--trainer.progress_bar", "false",
               "--trainer.tensorboard", "false", "--trainer.log_param_digest", "true",
@@ -130,8 +130,7 @@ def main(argv=None) -> int:
                                    for stage, rows in before.items()]},
                 "notes": [f"{len(problems)} differences over {keys} values"] + problems[:10],
             }
-            command = "python benchmarks/stage_parity.py " + " ".join(argv if argv is not None else sys.argv[1:])
-            print(f"saved {common.save_result('11_stage_parity_' + args.save, result, command)}")
+            print(f"saved {common.save_result('11_stage_parity_' + args.save, result, common.command_line(__file__, argv))}")
         return 1 if problems else 0
     if not args.out:
         parser.error("--out is required unless --compare")

@@ -147,12 +147,16 @@ class HybridEngine:
                         self._check_same_vocabulary(path)
                     self.models[name] = self._build(self.roles[name], path)
         self.rollout_class = backend_class(cfg.rollout.backend)  # vLLM (own weights, pushed) or HF (the actor itself)
-        self.backend = self.rollout_class.name
         self.rollout = None
         self._rollout_needs_sync = False
 
     # ------------------------------------------------------------------------------------------
     # roles
+
+    @property
+    def backend(self) -> str:
+        """The rollout backend's name (``vllm`` / ``hf``), for logs."""
+        return self.rollout_class.name
 
     @property
     def actor(self):

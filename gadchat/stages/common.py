@@ -72,14 +72,18 @@ def discriminator_update(run, teacher: SequenceBatch, student: SequenceBatch):
     with engine.timer("discriminator_update"), engine.update("discriminator", len(groups)) as update:
         for group in groups:
             rows = torch.tensor(group, dtype=torch.long)
-            samples = (rows.unsqueeze(1) * n + torch.arange(n)).reshape(-1)  # the group's n samples each
             t_scores = engine.scores(teacher.select(rows))
-            s_scores = engine.scores(student.select(samples)).view(len(group), n)
+            s_scores = engine.scores(student.select(sample_rows(rows, n))).view(len(group), n)
             t_all[rows], s_all[rows] = t_scores.detach().float().cpu(), s_scores.detach().float().cpu()
             update.backward(bradley_terry_loss(t_scores, s_scores) * (len(group) / prompts))
     metrics = {"discriminator/d_loss": update.loss}
     metrics.update({f"discriminator/{k}": v for k, v in discriminator_metrics(t_all, s_all).items()})
     return metrics, s_all
+
+
+def sample_rows(prompt_rows: torch.Tensor, n: int) -> torch.Tensor:
+    """The rows of a prompt-major student batch that hold the ``n`` samples of each of ``prompt_rows``."""
+    return (prompt_rows.unsqueeze(1) * n + torch.arange(n)).reshape(-1)
 
 
 def prompt_groups(section, teacher: SequenceBatch, student: SequenceBatch, n: int) -> list:

@@ -27,6 +27,7 @@ import torch
 from gadchat import roles
 from gadchat.stages import common
 from gadchat.stages.base import Recipe
+from gadchat.teacher_metrics import reverse_kl_per_token, teacher_nll_per_token
 
 
 def reverse_kl_advantages(teacher_log_probs: torch.Tensor, old_log_probs: torch.Tensor,
@@ -73,10 +74,9 @@ class OPD(Recipe):
                                            common.sample_temperature(cfg))
         advantages = reverse_kl_advantages(teacher, old, mask)
 
-        tokens = mask.sum().clamp(min=1)
         metrics = common.response_length_stats(samples)
-        metrics["opd/reverse_kl"] = float(((old - teacher) * mask).sum() / tokens)  # sampled, per token
-        metrics["opd/teacher_nll"] = float(-(teacher * mask).sum() / tokens)
+        metrics["opd/reverse_kl"] = reverse_kl_per_token(old, teacher, mask)  # sampled, per token
+        metrics["opd/teacher_nll"] = teacher_nll_per_token(teacher, mask)
         ref = common.reference_log_probs(run, student)
         metrics.update(common.policy_update(run, student, advantages, ref, old=old))
         metrics["tokens"] = float(student.attention_mask.sum())

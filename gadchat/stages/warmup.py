@@ -46,7 +46,7 @@ class Warmup(Recipe):
         # actor: SFT on the teacher (+ KL to the reference on the samples), once past the gate
         metrics["actor/updated"] = float(step >= cfg.trainer.discriminator_warmup)
         if step >= cfg.trainer.discriminator_warmup:
-            ref = common.reference_log_probs(run, student) if a.kl_coef > 0 else None
+            ref = common.reference_log_probs(run, student)  # None without a reference (kl_coef 0)
             sft_parts = teacher.micro_batches(a.micro_batch_size, tokens=a.micro_batch_tokens)
             kl_parts = student.micro_batches(a.micro_batch_size, tokens=a.micro_batch_tokens) if ref is not None else []
             sft_tokens = float(teacher.target_mask.sum())
