@@ -132,13 +132,18 @@ def command_line(script: str, argv=None) -> str:
     return " ".join(["python", f"benchmarks/{Path(script).name}", *(sys.argv[1:] if argv is None else argv)])
 
 
+def now_iso() -> str:
+    return _dt.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
 def save_result(name: str, result: dict, command: str) -> Path:
     """Store one measurement with its context and re-render RESULTS.md."""
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     result = dict(result)
     result.setdefault("command", command)
-    result["date"] = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
-    result["machine"] = machine_info()
+    # A result measured elsewhere (a GPU machine's logs reported here) brings its own date and machine.
+    result.setdefault("date", now_iso())
+    result.setdefault("machine", machine_info())
     result.setdefault("versions", package_versions())
     result["commit"] = git_commit()
     path = RESULTS_DIR / f"{name}.json"

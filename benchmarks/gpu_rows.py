@@ -24,7 +24,7 @@ COMMANDS = [
     ("vs TRL on GPU: TRL venv with a CUDA torch and vllm (not setup_trl_env.sh, which is CPU-only)",
      "TRL_VENV=/path/to/cuda-trl-venv python benchmarks/compare_trl.py"),
     ("GPU check (issue 11): flash-attn on/off, bf16, vLLM on CUDA, sleep mode, HF backend, GAD steps on a random "
-     "Qwen2.5-0.5B shape, time and peak GPU memory per phase (its own section 10)", "bash benchmarks/gpu_check.sh"),
+     "Qwen2.5-0.5B shape, time and peak GPU memory per phase (its own section 12)", "bash benchmarks/gpu_check.sh"),
 ]
 
 

@@ -96,6 +96,11 @@ class RolloutConfig:
     """GPU only: vLLM sleeps (weights offloaded to CPU memory, KV cache freed) while DeepSpeed trains,
     and wakes before each rollout; frees GPU memory for the training engines."""
     hf_micro_batch_size: int = 64
+    hf_gather_weights: bool = True
+    """rollout.backend hf under ZeRO-3: gather the actor's full weights once per generate call
+    (DeepSpeed's unwrap_model_for_generation, as TRL's ds3_gather_for_generation) instead of per
+    layer at every decoded token. Costs one full copy of the actor per GPU while generating; false
+    for an actor that does not fit whole on one GPU."""
 
 
 @dataclass

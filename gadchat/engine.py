@@ -277,8 +277,10 @@ class HybridEngine:
 
     def actor_generator(self) -> HFBackend:
         """transformers ``generate`` on the training actor (ZeRO-3-safe with several ranks)."""
+        r = self.cfg.rollout
         return HFBackend(self.actor, self.pad_token_id, self.eos_ids, synced_gpus=self.zero3 and self.world_size > 1,
-                         micro_batch_size=self.cfg.rollout.hf_micro_batch_size)
+                         micro_batch_size=r.hf_micro_batch_size,
+                         gather_weights=self.zero3 and r.hf_gather_weights and self.actor.optimizer is not None)
 
     # ------------------------------------------------------------------------------------------
     # rollout

@@ -63,12 +63,13 @@ class StageTrainer:
         init_times = self.engine.timer.timings()  # every rank: the step metrics must share their keys
         ds = cfg.deepspeed
         if self.world_size == 1 and ds.zero_stage == 3 and not (ds.offload_param or ds.offload_optimizer):
-            logger.warning("ZeRO-3 on a single rank without offload partitions nothing and costs about 20%% "
-                           "per step (benchmarks/RESULTS.md); --deepspeed.zero_stage 0 is the faster choice here")
+            logger.warning("ZeRO-3 on a single rank without offload partitions nothing and costs about %d%% "
+                           "per step (benchmarks/RESULTS.md); --deepspeed.zero_stage 0 is the faster choice here", 20)
         if self.rank == 0:
             logger.info("engine ready: rollout=%s, ZeRO stage %d, %d rank(s), dtype %s; %s",
                         self.engine.backend, cfg.deepspeed.zero_stage, self.world_size, self.engine.dtype,
-                        ", ".join(f"{k}={v:.1f}s" for k, v in init_times.items()))
+                        ", ".join(f"{k}={v:.1f}{'GiB' if k.startswith('mem/') else 's'}"
+                                  for k, v in init_times.items()))
 
     def step_fn(self, step: int, batch: list) -> dict:
         """This rank's metrics of one step of the stage on ``batch``."""

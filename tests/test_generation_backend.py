@@ -162,3 +162,26 @@ def test_vllm_backend_both_constructors_and_weight_push(tiny_model, tokenizer, p
     assert all(1 <= len(r) <= 10 and tokenizer.eos_token_id not in r[:-1] for g in first for r in g)
     assert "does not stream" in out["stream"]
     assert out["after"] == out["hf_before"] != [group[:1] for group in hf_greedy]
+
+
+def test_zero3_actor_generates_the_same_tokens_with_its_weights_gathered_once(tiny_model, tmp_path):
+    """rollout.hf_gather_weights (the default): the actor's ZeRO-3 weights gathered once per generate
+    call give the tokens the per-layer gathers give, and leave the weights partitioned and the
+    partitioning hooks in place, so the next update trains as before (2 ranks, real DeepSpeed)."""
+    from conftest import free_port, tiny_args
+
+    probe = tmp_path / "probe.pt"
+    command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
+               str(REPO / "tests" / "scripts" / "gather_probe.py"),
+               *map(str, tiny_args(tiny_model, tmp_path / "run", "--rollout.backend", "hf"))]
+    env = subprocess_env()
+    env["PROBE_OUT"] = str(probe)
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    seen = torch.load(probe)
+    assert seen["gather_True"] and not seen["gather_False"]
+    assert seen["tokens_True"] == seen["tokens_False"]
+    assert all(len(sample) > 0 for samples in seen["tokens_True"] for sample in samples)
+    assert seen["partitioned_before"] and seen["partitioned_after_True"] and seen["partitioned_after_False"]
+    assert seen["hooks_restored"]
+    assert seen["partitioned_after_update"] and seen["update_loss"] > 0

@@ -1,8 +1,12 @@
 """The transformers backend: ``generate`` on a model held elsewhere, with no weights of its own.
 
 Colocated with training (the constructor) it generates with the DeepSpeed actor itself, so there are
-no weights to push after an update; under ZeRO-3 with several ranks it uses ``synced_gpus=True`` so
-ranks that finish early keep joining the parameter gathers. For inference,
+no weights to push after an update. Under ZeRO-3 it gathers the actor's full weights once per
+``generate`` call by default (``gather_weights``: DeepSpeed's ``unwrap_model_for_generation``, the same
+as TRL's ``ds3_gather_for_generation``): without it every layer's weights are gathered again at every
+decoded token, which made generation 80% of a GAD step on an H200 (benchmarks/RESULTS.md section 12).
+Without the gather, several ZeRO-3 ranks use ``synced_gpus=True`` so that ranks that finish early keep
+joining the per-layer gathers. For inference,
 :meth:`HFBackend.from_model_folder` loads the model folder (or hub id) onto the device. Prompts are
 left-padded and generated ``micro_batch_size`` sequences at a time; it streams
 (:meth:`HFBackend.stream`).
@@ -10,7 +14,7 @@ left-padded and generated ``micro_batch_size`` sequences at a time; it streams
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from types import SimpleNamespace
 
 import torch
@@ -25,13 +29,17 @@ class HFBackend(GenerationBackend):
     follows_actor = False
     streams = True
 
-    def __init__(self, actor_engine, pad_token_id: int, eos_ids: set, synced_gpus: bool, micro_batch_size: int = 64):
+    def __init__(self, actor_engine, pad_token_id: int, eos_ids: set, synced_gpus: bool, micro_batch_size: int = 64,
+                 gather_weights: bool = False):
         """Colocated with training: ``actor_engine`` is anything with the model as ``.module`` (the
-        DeepSpeed engine), read at every call."""
+        DeepSpeed engine), read at every call. ``gather_weights``: a ZeRO-3 engine's full weights
+        are gathered once per call (one full copy of the model on each rank while it generates)."""
         self.engine = actor_engine
         self.pad_token_id = pad_token_id
         self.eos_ids = set(eos_ids)
-        self.synced_gpus = synced_gpus
+        self.gather_weights = gather_weights
+        # Gathered weights need no collective inside a forward, so ranks may finish apart.
+        self.synced_gpus = synced_gpus and not gather_weights
         self.micro_batch_size = micro_batch_size
 
     @classmethod
@@ -50,16 +58,24 @@ class HFBackend(GenerationBackend):
 
     @contextmanager
     def _generating(self):
-        """The module in eval mode with the KV cache on; its training mode and cache flag restored after."""
-        module = self.engine.module
-        was_training = module.training
-        module.eval()
-        module.config.use_cache = True
-        try:
-            yield module
-        finally:
-            module.config.use_cache = False
-            module.train(was_training)
+        """The module in eval mode with the KV cache on (and, with ``gather_weights``, its ZeRO-3
+        weights gathered and the partitioning hooks off); all of it restored after."""
+        if self.gather_weights:
+            from deepspeed.runtime.zero import unwrap_model_for_generation
+
+            gathered = unwrap_model_for_generation(self.engine)
+        else:
+            gathered = nullcontext()
+        with gathered:
+            module = self.engine.module
+            was_training = module.training
+            module.eval()
+            module.config.use_cache = True
+            try:
+                yield module
+            finally:
+                module.config.use_cache = False
+                module.train(was_training)
 
     def _sampling_kwargs(self, temperature: float, top_p: float, max_new_tokens: int, greedy: bool) -> dict:
         return dict(
