@@ -295,6 +295,8 @@ class CheckpointManager:
         if step_dir is None:
             if t.init_from and t.init_optimizer_states:
                 self._load_optimizer_states_from(t.init_from)
+            elif t.init_from and t.init_full_precision and self.engine.dtype != torch.float32:
+                self._load_master_weights_from(t.init_from)
             return 0
         state = read_state(step_dir)
         self._check_compatible(step_dir, state)
@@ -339,6 +341,42 @@ class CheckpointManager:
         if step_dir is None:
             raise CheckpointError(f"trainer.init_optimizer_states: {previous_output_dir} has no checkpoint")
         self._load_engines(step_dir, skip_missing=True)
+
+    def _load_master_weights_from(self, previous_output_dir):
+        """The full-precision hand-off: the previous stage's fp32 master weights (its final ZeRO
+        checkpoint, which holds the same weights as its export before rounding) with fresh Adam
+        moments. A checkpoint DeepSpeed cannot load as it is (another rank count or ZeRO stage,
+        another model) leaves the export's weights in place, with a warning that says why."""
+        step_dir = latest_checkpoint(previous_output_dir)
+        state = read_state(step_dir) if step_dir is not None else {}
+        problems = []
+        if step_dir is None:
+            problems.append("it has no checkpoint")
+        else:
+            if state.get("step") != state.get("total_steps"):
+                problems.append(f"its last checkpoint is step {state.get('step')} of {state.get('total_steps')}, "
+                                "not the exported final step")
+            if state.get("world_size") != self.world_size:
+                problems.append(f"it was written by {state.get('world_size')} ranks, this run has {self.world_size}")
+            if state.get("zero_stage") != self.cfg.deepspeed.zero_stage:
+                problems.append(f"it was written at ZeRO stage {state.get('zero_stage')}, "
+                                f"this run uses {self.cfg.deepspeed.zero_stage}")
+            for name, engine in self._engines().items():
+                saved = state.get("models", {}).get(name)
+                if saved and saved != model_signature(engine.module):
+                    problems.append(f"its {name} model differs from this run's")
+        if problems:
+            if self.rank == 0:
+                logger.warning("trainer.init_full_precision: %s: %s; this stage starts from the exported %s weights",
+                               previous_output_dir, "; ".join(problems), str(self.engine.dtype).replace("torch.", ""))
+            return
+        self._load_engines(step_dir, skip_missing=True)
+        for name, engine in self._engines().items():
+            if (step_dir / name).is_dir():
+                fresh_optimizer_moments(engine)
+        if self.rank == 0:
+            logger.info("full-precision hand-off: fp32 master weights of %s from %s, fresh optimizer moments",
+                        ", ".join(n for n in self._engines() if (step_dir / n).is_dir()), step_dir)
 
     def _load_engines(self, step_dir: Path, skip_missing: bool = False):
         """Weights and optimizer states of every trained engine from ``step_dir`` (``skip_missing``:
@@ -400,6 +438,16 @@ class CheckpointManager:
                 raise _disk_error(partial, "the final export", exc) from exc
             runtime.barrier()
         return out
+
+
+def fresh_optimizer_moments(engine) -> None:
+    """Forget a DeepSpeed engine's optimizer state (Adam's moments and step count) as if it had
+    never stepped: torch's AdamW and DeepSpeed's CPU Adam create it again at the next step. The
+    fp32 master weights, which ZeRO keeps outside that state, stay."""
+    wrapper = engine.optimizer
+    for optimizer in (getattr(wrapper, "optimizer", wrapper), getattr(wrapper, "backup_optimizer", None)):
+        if optimizer is not None:
+            optimizer.state.clear()
 
 
 def _fault_injection_point(name: str, step: int) -> None:

@@ -177,6 +177,12 @@ class TrainerConfig:
     init_from: str = ""
     """A previous stage's output folder: its final actor (and discriminator) start this stage."""
     init_optimizer_states: bool = False
+    """With init_from: also take the previous stage's Adam moments from its last ZeRO checkpoint."""
+    init_full_precision: bool = True
+    """With init_from in a bf16/fp16 run: start from the fp32 master weights in the previous
+    stage's last ZeRO checkpoint, not from its exported bf16/fp16 weights (Adam moments start
+    fresh unless init_optimizer_states). Needs that checkpoint to be its final step, written with
+    as many ranks and the same ZeRO stage; otherwise the export is used, with a warning."""
     save_every: int = 0
     """Save a resumable checkpoint every N steps (0 = only at the end)."""
     keep_last: int = 2
