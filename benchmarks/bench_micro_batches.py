@@ -9,7 +9,8 @@ teacher's length distribution). The models are random Qwen2s (hidden 256, 4 laye
 vocab 1024; a causal LM for the actor and the engine's discriminator on the same backbone), in one
 process on the CPU, forward + loss + backward through the engine's own pieces
 (:meth:`SequenceBatch.micro_batches`, :func:`gadchat.logprobs.sequence_log_probs`,
-:func:`gadchat.losses.ppo_clip_loss` / :func:`bradley_terry_loss`); the grouping code is the
+:func:`gadchat.losses.ppo_clip_loss` / :func:`bradley_terry_loss`, and the row-level
+:func:`gadchat.stages.common.bradley_terry_by_rows`); the grouping code is the
 engine's, the DeepSpeed engine itself is left out (it adds the same per-micro-batch hooks to both).
 
 Usage: python benchmarks/bench_micro_batches.py [--repeats 3] [--save]
@@ -66,8 +67,7 @@ def main(argv=None) -> int:
     from gadchat.logprobs import sequence_log_probs
     from gadchat.losses import bradley_terry_loss, ppo_clip_loss
     from gadchat.models import Discriminator
-    from gadchat.config import DiscriminatorConfig
-    from gadchat.stages.common import prompt_groups, sample_rows
+    from gadchat.stages.common import bradley_terry_by_rows, sample_rows
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompts", type=int, default=8)
@@ -75,7 +75,7 @@ def main(argv=None) -> int:
     parser.add_argument("--rows", type=int, default=4, help="fixed actor micro-batch (the 7B recipe's 4)")
     parser.add_argument("--actor-tokens", type=int, default=4096, help="actor token budget")
     parser.add_argument("--d-prompts", type=int, default=1, help="fixed discriminator prompts per micro-batch (recipe: 1)")
-    parser.add_argument("--d-tokens", type=int, default=8192, help="discriminator token budget")
+    parser.add_argument("--d-tokens", type=int, default=4096, help="discriminator token budget (as the actor's)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--save", action="store_true")
     args = parser.parse_args(argv)
@@ -103,33 +103,38 @@ def main(argv=None) -> int:
             loss, _ = ppo_clip_loss(log_probs, log_probs.detach(), advantages[rows], part.target_mask, 0.2, denominator)
             loss.backward()
 
-    def discriminator_pass(groups):
-        for group in groups:
-            rows = torch.tensor(group)
-            t_part, s_part = teacher.select(rows), student.select(sample_rows(rows, args.n))
-            t = discriminator(t_part.input_ids, t_part.attention_mask, t_part.last_index, t_part.response_mask)
-            s = discriminator(s_part.input_ids, s_part.attention_mask, s_part.last_index,
-                              s_part.response_mask).view(len(group), args.n)
-            (bradley_terry_loss(t, s) * (len(group) / len(teacher))).backward()
+    def score(part):
+        return discriminator(part.input_ids, part.attention_mask, part.last_index, part.response_mask)
 
-    def d_padding(groups):
-        real = padded = 0
-        for group in groups:
-            rows = torch.tensor(group)
-            for part in (teacher.select(rows), student.select(sample_rows(rows, args.n))):
-                padded += part.input_ids.numel()
-                real += int(part.attention_mask.sum())
-        return 1 - real / padded
+    def discriminator_pass(plan):
+        if plan[0] == "rows":  # the engine's row-level update under --discriminator.micro_batch_tokens
+            bradley_terry_by_rows(score, lambda loss: loss.backward(), plan[1], plan[2], args.n)
+            return
+        for rows in plan[1]:  # prompt groups, as the engine with --discriminator.micro_batch_prompts
+            t = score(teacher.select(rows))
+            s = score(student.select(sample_rows(rows, args.n))).view(len(rows), args.n)
+            (bradley_terry_loss(t, s) * (len(rows) / len(teacher))).backward()
 
-    fixed_d = DiscriminatorConfig(micro_batch_prompts=args.d_prompts, micro_batch_tokens=0)
-    budget_d = DiscriminatorConfig(micro_batch_prompts=args.d_prompts, micro_batch_tokens=args.d_tokens)
+    def d_forwards(plan):
+        """Every forward's batch: the row-level update runs the teacher parts twice."""
+        if plan[0] == "rows":
+            return [part for _, part in plan[1] + plan[2] + plan[1]]
+        return [part for rows in plan[1] for part in (teacher.select(rows), student.select(sample_rows(rows, args.n)))]
+
+    def d_padding(plan):
+        forwards = d_forwards(plan)
+        return 1 - sum(int(part.attention_mask.sum()) for part in forwards) / sum(part.input_ids.numel() for part in forwards)
+
+    prompt_groups = [torch.arange(start, min(start + args.d_prompts, len(teacher)))
+                     for start in range(0, len(teacher), args.d_prompts)]
     cases = {
         "actor, fixed": lambda: student.micro_batches(args.rows),
         "actor, token budget": lambda: student.micro_batches(args.rows, tokens=args.actor_tokens),
     }
     d_cases = {
-        "discriminator, fixed": lambda: prompt_groups(fixed_d, teacher, student, args.n),
-        "discriminator, token budget": lambda: prompt_groups(budget_d, teacher, student, args.n),
+        "discriminator, fixed": lambda: ("prompts", prompt_groups),
+        "discriminator, token budget": lambda: ("rows", teacher.micro_batches(0, tokens=args.d_tokens),
+                                                student.micro_batches(0, tokens=args.d_tokens)),
     }
     rows, times = [], {}
     for name, make in {**cases, **d_cases}.items():
@@ -151,7 +156,8 @@ def main(argv=None) -> int:
         else:
             padding = d_padding(plan)
             largest = None
-        rows.append([name, len(plan), f"{padding:.1%}", largest, f"{times[name]:.2f}"])
+        forwards = len(plan) if name.startswith("actor") else len(d_forwards(plan))
+        rows.append([name, forwards, f"{padding:.1%}", largest, f"{times[name]:.2f}"])
         print(rows[-1], flush=True)
     speedups = {"actor": times["actor, fixed"] / times["actor, token budget"],
                 "discriminator": times["discriminator, fixed"] / times["discriminator, token budget"]}
@@ -166,8 +172,11 @@ def main(argv=None) -> int:
         "title": "10. Fixed vs token-budget micro-batches on the real teacher lengths (issue 11)",
         "description": ("One actor policy-gradient pass over 8 prompts x 8 samples and one discriminator Bradley-Terry "
                         "pass (8 teacher answers + 64 samples), forward + loss + backward on random Qwen2 models "
-                        "(h256, 4 layers), 2 threads; padding = share of padded positions."),
-        "table": {"columns": ["pass", "micro-batches", "padding", "largest micro-batch (tokens)", "time s"], "rows": rows},
+                        "(h256, 4 layers), 2 threads; padding = share of padded positions over every forward. The "
+                        "discriminator's token budget groups rows across prompts (teacher and samples each sorted "
+                        "by length) and runs the teacher rows twice (a scoring pass for the exact Bradley-Terry "
+                        "gradient, then with gradient)."),
+        "table": {"columns": ["pass", "forward passes", "padding", "largest micro-batch (tokens)", "time s"], "rows": rows},
         "notes": notes,
     }
     if args.save:

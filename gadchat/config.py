@@ -148,8 +148,9 @@ class DiscriminatorConfig:
     micro_batch_prompts: int = 1
     """Prompts per forward/backward pass; each brings its teacher sequence and its n samples."""
     micro_batch_tokens: int = 0
-    """> 0: group prompts into micro-batches by this token budget (each prompt costs its teacher
-    length + n x its longest sample) instead of ``micro_batch_prompts``. 0 = off."""
+    """> 0: micro-batches of rows by this token budget (teacher sequences and samples each sorted
+    by length, rows x longest row within the budget) instead of ``micro_batch_prompts``; the
+    Bradley-Terry gradient stays exact at the cost of one more forward over the teacher rows. 0 = off."""
     freeze: bool = False
     """GAD-stage ablation: keep the discriminator fixed (off-policy reward, reward-hackable)."""
     head_init_std: float = 0.0

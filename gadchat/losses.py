@@ -112,6 +112,30 @@ def bradley_terry_loss(teacher_scores: torch.Tensor, student_scores: torch.Tenso
     return -F.logsigmoid(teacher_scores.unsqueeze(-1) - student_scores).mean()
 
 
+def bradley_terry_student_terms(teacher_scores: torch.Tensor, student_scores: torch.Tensor, pairs: int) -> torch.Tensor:
+    """Some samples' share of :func:`bradley_terry_loss`, their teachers' scores held fixed.
+
+    ``sum_i -logsigmoid(t_p(i) - s_i) / pairs``, ``pairs`` = P x n of the whole loss
+
+    ``teacher_scores``: ``t_p(i)``, the score of each sample's own prompt's teacher sequence,
+    aligned with ``student_scores``. Its gradient in each ``s_i`` is that of the whole loss
+    (each ``s_i`` appears in one term only), so samples can be back-propagated in any grouping
+    once the teacher scores are known."""
+    return -F.logsigmoid(teacher_scores - student_scores).sum() / pairs
+
+
+def bradley_terry_teacher_gradient(teacher_scores: torch.Tensor, student_scores: torch.Tensor) -> torch.Tensor:
+    """``dL_D / dt_p`` of :func:`bradley_terry_loss`, ``[P]``:
+
+    ``-(1 / (P n)) sum_i sigmoid(s_{p,i} - t_p)``
+
+    so that back-propagating ``sum_p t_p * dL_D/dt_p`` through a recomputed teacher score gives the
+    teacher side of the loss's gradient exactly (``teacher_scores`` ``[P]``, ``student_scores``
+    ``[P, n]``, both detached)."""
+    prompts, n = student_scores.shape
+    return -torch.sigmoid(student_scores - teacher_scores.unsqueeze(-1)).sum(-1) / (prompts * n)
+
+
 def discriminator_metrics(teacher_scores: torch.Tensor, student_scores: torch.Tensor) -> dict:
     """``d_acc = mean[r_t > r_s]`` over all pairs, and the mean scores."""
     with torch.no_grad():

@@ -13,8 +13,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gadchat.losses import (bradley_terry_loss, discriminator_metrics, grpo_advantages, k3_kl, kl_loss, masked_mean,
-                            masked_sum, ppo_clip_loss, sft_loss, token_entropy, token_log_probs)
+from gadchat.losses import (bradley_terry_loss, bradley_terry_teacher_gradient, discriminator_metrics, grpo_advantages,
+                            k3_kl, kl_loss, masked_mean, masked_sum, ppo_clip_loss, sft_loss, token_entropy,
+                            token_log_probs)
 
 LN2, LN3 = math.log(2.0), math.log(3.0)
 
@@ -419,3 +420,42 @@ def test_kl_loss_token_mean_and_gradient():
     # d k3 / d logp = -(e^kl - 1) with kl = ref - logp; / 4 tokens
     close(log_probs.grad, [[0.0, -(2.0 - 1.0) / 4, 0.0], [-(0.5 - 1.0) / 4, 0.0, 0.0]])
     close(kl_loss(log_probs, ref, mask, denominator=8.0), 0.5 / 8)
+
+
+def test_bradley_terry_teacher_gradient_is_the_loss_gradient():
+    torch.manual_seed(0)
+    t = torch.randn(3, requires_grad=True)
+    s = torch.randn(3, 4)
+    bradley_terry_loss(t, s).backward()
+    assert torch.allclose(bradley_terry_teacher_gradient(t.detach(), s), t.grad, atol=1e-7)
+    # hand value: one prompt, one sample, a tie: dL/dt = -sigmoid(0) = -0.5
+    assert bradley_terry_teacher_gradient(torch.zeros(1), torch.zeros(1, 1)).item() == -0.5
+
+
+def test_bradley_terry_by_rows_gives_the_whole_loss_gradient_in_any_grouping():
+    """Teacher and student rows in uneven micro-batches that mix prompts (as a token budget makes
+    them) accumulate exactly the gradient of the whole Bradley-Terry loss, and return the scores."""
+    from gadchat.stages.common import bradley_terry_by_rows
+
+    torch.manual_seed(1)
+    prompts, n, dim = 3, 4, 5
+    x_t, x_s = torch.randn(prompts, dim), torch.randn(prompts * n, dim)
+    w = torch.randn(dim, requires_grad=True)
+    bradley_terry_loss(x_t @ w, (x_s @ w).view(prompts, n)).backward()
+    whole = w.grad.clone()
+    w.grad = None
+    teacher_parts = [(idx, x_t[idx]) for idx in (torch.tensor([2]), torch.tensor([0, 1]))]
+    student_parts = [(idx, x_s[idx]) for idx in (torch.tensor([11, 0, 5]), torch.tensor([3]),
+                                                torch.tensor([1, 2, 4, 6, 7, 8, 9, 10]))]
+    backwards = []
+
+    def backward(loss):
+        backwards.append(float(loss))
+        loss.backward()
+
+    t_all, s_all = bradley_terry_by_rows(lambda feats: feats @ w, backward, teacher_parts, student_parts, n)
+    assert len(backwards) == len(teacher_parts) + len(student_parts)
+    assert torch.allclose(w.grad, whole, atol=1e-6)
+    assert torch.allclose(t_all, (x_t @ w).detach()) and torch.allclose(s_all, (x_s @ w).detach().view(prompts, n))
+    # the student terms alone sum to the whole loss (the teacher backwards carry gradient, not loss)
+    assert math.isclose(sum(backwards[:len(student_parts)]), float(bradley_terry_loss(t_all, s_all)), rel_tol=1e-6)

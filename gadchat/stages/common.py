@@ -11,10 +11,11 @@ import zlib
 import torch
 
 from gadchat import runtime
-from gadchat.batch import SequenceBatch, same_count_on_every_rank
+from gadchat.batch import SequenceBatch
 from gadchat.data import eval_data_config, load_teacher_data
 from gadchat.diagnostics import reward_step_metrics
-from gadchat.losses import bradley_terry_loss, discriminator_metrics, kl_loss, masked_mean, ppo_clip_loss
+from gadchat.losses import (bradley_terry_loss, bradley_terry_student_terms, bradley_terry_teacher_gradient,
+                            discriminator_metrics, kl_loss, masked_mean, ppo_clip_loss)
 
 
 def stage_seed(seed: int, stage: str) -> int:
@@ -64,39 +65,73 @@ def response_length_stats(samples: list) -> dict:
 
 def discriminator_update(run, teacher: SequenceBatch, student: SequenceBatch):
     """Bradley-Terry update of the discriminator (teacher response preferred over each of its
-    prompt's ``n`` samples), micro-batched by prompt. Returns the metrics and the student scores
-    of the forward pass, taken before this step's update (the GAD stage's rewards)."""
+    prompt's ``n`` samples). Micro-batched by prompt (``micro_batch_prompts``: a micro-batch holds
+    its prompts' teacher sequences and samples), or by rows under ``micro_batch_tokens``
+    (:func:`bradley_terry_by_rows`). Returns the metrics and the student scores of the forward
+    pass, taken before this step's update (the GAD stage's rewards)."""
     engine, n, prompts = run.engine, run.cfg.rollout.n, len(teacher)
-    groups = prompt_groups(run.cfg.discriminator, teacher, student, n)
-    t_all, s_all = torch.zeros(prompts), torch.zeros(prompts, n)
-    with engine.timer("discriminator_update"), engine.update("discriminator", len(groups)) as update:
-        for group in groups:
-            rows = torch.tensor(group, dtype=torch.long)
-            t_scores = engine.scores(teacher.select(rows))
-            s_scores = engine.scores(student.select(sample_rows(rows, n))).view(len(group), n)
-            t_all[rows], s_all[rows] = t_scores.detach().float().cpu(), s_scores.detach().float().cpu()
-            update.backward(bradley_terry_loss(t_scores, s_scores) * (len(group) / prompts))
-    metrics = {"discriminator/d_loss": update.loss}
+    budget = run.cfg.discriminator.micro_batch_tokens
+    if budget > 0:
+        teacher_parts = teacher.micro_batches(0, tokens=budget)
+        student_parts = student.micro_batches(0, tokens=budget)
+        with engine.timer("discriminator_update"), \
+                engine.update("discriminator", len(teacher_parts) + len(student_parts)) as update:
+            t_all, s_all = bradley_terry_by_rows(engine.scores, update.backward, teacher_parts, student_parts, n)
+        with torch.no_grad():
+            d_loss = float(bradley_terry_loss(t_all, s_all))
+    else:
+        per = max(1, run.cfg.discriminator.micro_batch_prompts)
+        groups = [list(range(start, min(start + per, prompts))) for start in range(0, prompts, per)]
+        t_all, s_all = torch.zeros(prompts), torch.zeros(prompts, n)
+        with engine.timer("discriminator_update"), engine.update("discriminator", len(groups)) as update:
+            for group in groups:
+                rows = torch.tensor(group, dtype=torch.long)
+                t_scores = engine.scores(teacher.select(rows))
+                s_scores = engine.scores(student.select(sample_rows(rows, n))).view(len(group), n)
+                t_all[rows], s_all[rows] = t_scores.detach().float().cpu(), s_scores.detach().float().cpu()
+                update.backward(bradley_terry_loss(t_scores, s_scores) * (len(group) / prompts))
+        d_loss = update.loss
+    metrics = {"discriminator/d_loss": d_loss}
     metrics.update({f"discriminator/{k}": v for k, v in discriminator_metrics(t_all, s_all).items()})
     return metrics, s_all
+
+
+def bradley_terry_by_rows(score, backward, teacher_parts: list, student_parts: list, n: int):
+    """The gradient of one Bradley-Terry loss ``L_D = mean_{p,i} -logsigmoid(t_p - s_{p,i})``
+    accumulated over micro-batches of rows in any grouping (by length, across prompts), exactly:
+
+    1. the teacher sequences' scores ``t``, without gradient;
+    2. each student micro-batch: forward, then backward of its terms with ``t`` fixed
+       (:func:`~gadchat.losses.bradley_terry_student_terms`: their gradient in ``s`` is L_D's);
+    3. each teacher micro-batch again: forward, then backward of ``t . dL_D/dt`` computed from all
+       the student scores (:func:`~gadchat.losses.bradley_terry_teacher_gradient`).
+
+    Against micro-batches of whole prompts this costs one more forward over the teacher rows,
+    and pads only between rows of similar length. ``score(part)`` gives a part's scores with
+    gradient, ``backward(loss)`` back-propagates one micro-batch; the parts are
+    ``(row_indices, SequenceBatch)`` of :meth:`SequenceBatch.micro_batches` (teacher rows index
+    prompts, student rows are prompt-major, ``n`` per prompt). Returns the teacher scores ``[P]``
+    and the student scores ``[P, n]`` of the forward passes (before any update)."""
+    prompts = sum(len(index) for index, _ in teacher_parts)
+    t_all, s_all = torch.zeros(prompts), torch.zeros(prompts * n)
+    with torch.no_grad():
+        for index, part in teacher_parts:
+            t_all[index] = score(part).float().cpu()
+    for index, part in student_parts:
+        s = score(part)
+        backward(bradley_terry_student_terms(t_all[index // n].to(s), s, prompts * n))
+        s_all[index] = s.detach().float().cpu()
+    s_all = s_all.view(prompts, n)
+    coefficient = bradley_terry_teacher_gradient(t_all, s_all)
+    for index, part in teacher_parts:
+        t = score(part)
+        backward((t * coefficient[index].to(t)).sum())
+    return t_all, s_all
 
 
 def sample_rows(prompt_rows: torch.Tensor, n: int) -> torch.Tensor:
     """The rows of a prompt-major student batch that hold the ``n`` samples of each of ``prompt_rows``."""
     return (prompt_rows.unsqueeze(1) * n + torch.arange(n)).reshape(-1)
-
-
-def prompt_groups(section, teacher: SequenceBatch, student: SequenceBatch, n: int) -> list:
-    """The prompts of each discriminator micro-batch (a prompt brings its teacher sequence and its
-    ``n`` samples): ``micro_batch_prompts`` consecutive ones, or by the ``micro_batch_tokens``
-    budget over each prompt's padded tokens (teacher length + n x its longest sample)."""
-    prompts = len(teacher)
-    if section.micro_batch_tokens <= 0:
-        per = max(1, section.micro_batch_prompts)
-        return [list(range(start, min(start + per, prompts))) for start in range(0, prompts, per)]
-    longest_sample = (student.last_index + 1).view(prompts, n).max(dim=1).values
-    cost = ((teacher.last_index + 1) + n * longest_sample).tolist()
-    return same_count_on_every_rank(cost, section.micro_batch_tokens)
 
 
 def discriminator_scores(run, teacher: SequenceBatch, student: SequenceBatch):
