@@ -36,14 +36,14 @@ import torch
 
 from gadchat import runtime
 from gadchat.config import parse_betas
+from gadchat.checkpoint_files import (COMPLETE, LATEST, STATE_FILE, checkpoint_root, disk_error,  # noqa: F401
+                                      export_complete, final_dir, latest_checkpoint, read_state,
+                                      require_free_space, write_atomic)
 from gadchat.hf_export import export_live
 from gadchat.safe_load import CheckpointError, _safe_checkpoint_engine, safe_torch_load  # noqa: F401  (re-exported)
 
 logger = logging.getLogger("gadchat")
 
-LATEST = "latest"
-STATE_FILE = "trainer_state.json"
-COMPLETE = "COMPLETE"
 RUN_MARKERS = ("metrics.jsonl", "checkpoints", "final", "final.partial", "tensorboard", "config.json")
 """What a stage writes into its output_dir (``--trainer.overwrite true`` removes them)."""
 CHECKPOINT_BYTES_PER_PARAM = 16
@@ -52,15 +52,6 @@ CHECKPOINT_BYTES_PER_PARAM = 16
 
 # ----------------------------------------------------------------------------------------------
 # hand-off between stages
-
-
-def final_dir(output_dir) -> Path:
-    return Path(output_dir) / "final"
-
-
-def export_complete(output_dir) -> bool:
-    """True once a stage's final export is whole (its ``final/COMPLETE`` marker, written last)."""
-    return (final_dir(output_dir) / COMPLETE).exists()
 
 
 def handoff_paths(cfg, roles: dict) -> dict:
@@ -132,61 +123,8 @@ def clear_previous_run(output_dir) -> None:
             path.unlink()
 
 
-def require_free_space(folder, needed_bytes: int, what: str) -> None:
-    """Raise CheckpointError naming ``folder`` when the disk under it has less than ``needed_bytes``
-    free (checked on every rank, agreed collectively so no rank is left waiting)."""
-    folder = Path(folder)
-    probe = next((p for p in [folder, *folder.absolute().parents] if p.exists()), Path("/"))
-    free = shutil.disk_usage(probe).free
-    short = runtime.any_rank(free < needed_bytes)
-    if short:
-        raise CheckpointError(
-            f"not enough free disk space for {what} in {folder}: about {needed_bytes / 2**30:.2f} GiB needed, "
-            f"{free / 2**30:.2f} GiB free on this rank's disk; free some space or point --trainer.output_dir elsewhere")
-
-
-def _disk_error(folder, what: str, exc: BaseException) -> CheckpointError:
-    folder = Path(folder)
-    probe = next((p for p in [folder, *folder.absolute().parents] if p.exists()), Path("/"))
-    free = shutil.disk_usage(probe).free
-    return CheckpointError(f"writing {what} to {folder} failed ({type(exc).__name__}: {str(exc)[:200]}); "
-                           f"{free / 2**30:.2f} GiB free there - is the disk full?")
-
-
 # ----------------------------------------------------------------------------------------------
 # reading checkpoints
-
-
-def checkpoint_root(output_dir) -> Path:
-    return Path(output_dir) / "checkpoints"
-
-
-def latest_checkpoint(path) -> Path | None:
-    """The checkpoint named by ``latest`` in ``path`` (an output dir, its checkpoints/ folder, or a
-    step folder itself); None when there is none yet."""
-    path = Path(path)
-    if (path / STATE_FILE).exists():
-        return path
-    for root in (path / "checkpoints", path):
-        pointer = root / LATEST
-        if pointer.exists():
-            name = pointer.read_text().strip()
-            step_dir = root / name
-            if not (step_dir / STATE_FILE).exists():
-                raise CheckpointError(f"{pointer} names {name!r}, but {step_dir / STATE_FILE} is missing: "
-                                      "the checkpoint folder was removed or truncated")
-            return step_dir
-    return None
-
-
-def read_state(step_dir) -> dict:
-    path = Path(step_dir) / STATE_FILE
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError as exc:
-        raise CheckpointError(f"{path} is missing: {step_dir} is not a complete checkpoint") from exc
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path} is corrupt ({exc.msg})") from exc
 
 
 def model_signature(module) -> dict:
@@ -252,12 +190,12 @@ class CheckpointManager:
                 if self.rank == 0:
                     self._save_hf_metadata(step_dir)
             except (OSError, RuntimeError) as exc:
-                raise _disk_error(step_dir, f"the step-{step} checkpoint", exc) from exc
+                raise disk_error(step_dir, f"the step-{step} checkpoint", exc) from exc
             runtime.barrier()
             _fault_injection_point("checkpoint_written_before_latest", step)
             if self.rank == 0:
-                _write_atomic(step_dir / STATE_FILE, json.dumps(self._state(step), indent=2))
-                _write_atomic(self.root / LATEST, step_dir.name)
+                write_atomic(step_dir / STATE_FILE, json.dumps(self._state(step), indent=2))
+                write_atomic(self.root / LATEST, step_dir.name)
                 self._rotate()
             runtime.barrier()
         return step_dir
@@ -430,12 +368,12 @@ class CheckpointManager:
                     export_live(module, partial / name, engine.tokenizer, zero3=engine.zero3)
                     _fault_injection_point(f"export_wrote_{name}", 0)
                 if self.rank == 0:
-                    _write_atomic(partial / COMPLETE, "\n".join(modules) + "\n")
+                    write_atomic(partial / COMPLETE, "\n".join(modules) + "\n")
                     if out.exists():
                         shutil.rmtree(out)
                     os.replace(partial, out)
             except (OSError, RuntimeError) as exc:
-                raise _disk_error(partial, "the final export", exc) from exc
+                raise disk_error(partial, "the final export", exc) from exc
             runtime.barrier()
         return out
 
@@ -456,12 +394,3 @@ def _fault_injection_point(name: str, step: int) -> None:
         import signal
 
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)

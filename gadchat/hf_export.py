@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from gadchat import runtime
+from gadchat.checkpoint_files import LATEST, STATE_FILE, disk_error, latest_checkpoint, read_state, require_free_space
 from gadchat.safe_load import CheckpointError, safe_torch_load, verify_loadable_without_code
 
 
@@ -52,8 +53,6 @@ def export_from_checkpoint(checkpoint_path, out_dir, which: str = "actor", dtype
     """Offline export of one model from a DeepSpeed checkpoint folder (ZeRO 0-3), CPU only."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-    from gadchat.checkpoint import LATEST, STATE_FILE, _disk_error, latest_checkpoint, require_free_space
-
     step_dir = latest_checkpoint(checkpoint_path)
     if step_dir is None:
         raise CheckpointError(f"{checkpoint_path}: no checkpoint found (no {LATEST} file or {STATE_FILE})")
@@ -91,7 +90,7 @@ def export_from_checkpoint(checkpoint_path, out_dir, which: str = "actor", dtype
             shutil.rmtree(out)
         os.replace(partial, out)
     except OSError as exc:
-        raise _disk_error(partial, f"the {which} export", exc) from exc
+        raise disk_error(partial, f"the {which} export", exc) from exc
     return out
 
 
@@ -100,8 +99,6 @@ def _is_tied(config, key: str) -> bool:
 
 
 def _consolidated_weights(step_dir: Path, which: str) -> dict:
-    from gadchat.checkpoint import read_state
-
     state = read_state(step_dir)
     engine_dir = step_dir / which
     verify_loadable_without_code(engine_dir)

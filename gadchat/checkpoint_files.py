@@ -1,0 +1,88 @@
+"""The on-disk layout of a stage's output folder (see :mod:`gadchat.checkpoint`): the names of its
+files, finding and reading its checkpoints, disk-space checks and atomic small writes. Shared by
+the checkpoint manager and the Hugging Face export, and free of both."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from gadchat import runtime
+from gadchat.safe_load import CheckpointError
+
+LATEST = "latest"
+STATE_FILE = "trainer_state.json"
+COMPLETE = "COMPLETE"
+
+
+def final_dir(output_dir) -> Path:
+    return Path(output_dir) / "final"
+
+
+def export_complete(output_dir) -> bool:
+    """True once a stage's final export is whole (its ``final/COMPLETE`` marker, written last)."""
+    return (final_dir(output_dir) / COMPLETE).exists()
+
+
+def checkpoint_root(output_dir) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def latest_checkpoint(path) -> Path | None:
+    """The checkpoint named by ``latest`` in ``path`` (an output dir, its checkpoints/ folder, or a
+    step folder itself); None when there is none yet."""
+    path = Path(path)
+    if (path / STATE_FILE).exists():
+        return path
+    for root in (path / "checkpoints", path):
+        pointer = root / LATEST
+        if pointer.exists():
+            name = pointer.read_text().strip()
+            step_dir = root / name
+            if not (step_dir / STATE_FILE).exists():
+                raise CheckpointError(f"{pointer} names {name!r}, but {step_dir / STATE_FILE} is missing: "
+                                      "the checkpoint folder was removed or truncated")
+            return step_dir
+    return None
+
+
+def read_state(step_dir) -> dict:
+    path = Path(step_dir) / STATE_FILE
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"{path} is missing: {step_dir} is not a complete checkpoint") from exc
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path} is corrupt ({exc.msg})") from exc
+
+
+def require_free_space(folder, needed_bytes: int, what: str) -> None:
+    """Raise CheckpointError naming ``folder`` when the disk under it has less than ``needed_bytes``
+    free (checked on every rank, agreed collectively so no rank is left waiting)."""
+    folder = Path(folder)
+    probe = next((p for p in [folder, *folder.absolute().parents] if p.exists()), Path("/"))
+    free = shutil.disk_usage(probe).free
+    short = runtime.any_rank(free < needed_bytes)
+    if short:
+        raise CheckpointError(
+            f"not enough free disk space for {what} in {folder}: about {needed_bytes / 2**30:.2f} GiB needed, "
+            f"{free / 2**30:.2f} GiB free on this rank's disk; free some space or point --trainer.output_dir elsewhere")
+
+
+def disk_error(folder, what: str, exc: BaseException) -> CheckpointError:
+    folder = Path(folder)
+    probe = next((p for p in [folder, *folder.absolute().parents] if p.exists()), Path("/"))
+    free = shutil.disk_usage(probe).free
+    return CheckpointError(f"writing {what} to {folder} failed ({type(exc).__name__}: {str(exc)[:200]}); "
+                           f"{free / 2**30:.2f} GiB free there - is the disk full?")
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
