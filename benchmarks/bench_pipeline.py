@@ -9,7 +9,6 @@ folder. Peak RSS is the largest single process of the tree (``RUSAGE_CHILDREN``)
 from __future__ import annotations
 
 import argparse
-import os
 import resource
 import subprocess
 import sys

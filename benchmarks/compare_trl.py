@@ -165,7 +165,6 @@ def main(argv=None):
     notes = []
     if ours and "trl_vllm_patched" in summary:
         patched = summary["trl_vllm_patched"]["median_step_s"] / ours
-        targets_extra = {"trl_vllm_patched_ratio": patched}
         notes.append(f"TRL with vLLM colocate made to work by swapping in our weight sync / ours = {patched:.2f}x "
                      "(not TRL as shipped; the estimate of TRL's speed had its CPU colocate sync worked).")
     if best_trl and "trl_ratio" in targets:

@@ -61,6 +61,18 @@ def launch(stage: str, ranks: int, args: list, cwd: Path = REPO, timeout: int = 
     return result
 
 
+def launch_probe(script: str, ranks: int, args: list, out: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run ``tests/scripts/<script>`` (a probe of the engine's state) under the ``deepspeed``
+    launcher with ``ranks`` processes and ``PROBE_OUT=out``; a non-zero exit fails the test."""
+    env = subprocess_env()
+    env["PROBE_OUT"] = str(out)
+    command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port",
+               str(free_port()), str(REPO / "tests" / "scripts" / script), *map(str, args)]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{script} failed:\n{result.stdout[-5000:]}\n{result.stderr[-5000:]}"
+    return result
+
+
 def tiny_args(model: Path, output_dir: Path, *extra) -> list:
     return ["--config", TINY_CONFIG, "--model.actor_path", model, "--trainer.output_dir", output_dir,
             "--trainer.progress_bar", "false", "--trainer.tensorboard", "false", *extra]

@@ -9,15 +9,13 @@ actor, 0 for an exact greedy agreement, bf16 rounding otherwise; stale weights g
 from __future__ import annotations
 
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from conftest import BACKENDS, REPO, free_port, launch, read_metrics, subprocess_env, tiny_args
+from conftest import BACKENDS, launch, launch_probe, read_metrics, tiny_args
 from gadchat.checkpoint import latest_checkpoint
 from gadchat.generation import backend_class
 
@@ -47,14 +45,8 @@ def test_bf16_warmup_and_gad_steps_under_zero3(tiny_model, tmp_path, backend):
 def _probe_handoff(previous: Path, tmp_path: Path, tiny_model: Path, *extra) -> dict:
     """The gad stage's state right after its hand-off from ``previous`` (2 ranks, bf16, ZeRO-3)."""
     probe = tmp_path / f"probe{len(list(tmp_path.glob('probe*')))}.pt"
-    command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
-               str(REPO / "tests" / "scripts" / "handoff_probe.py"),
-               *map(str, tiny_args(tiny_model, tmp_path / "gad", "--model.dtype", "bfloat16",
-                                   "--trainer.init_from", previous, *extra))]
-    env = subprocess_env()
-    env["PROBE_OUT"] = str(probe)
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    result = launch_probe("handoff_probe.py", 2, tiny_args(tiny_model, tmp_path / "gad", "--model.dtype", "bfloat16",
+                                                           "--trainer.init_from", previous, *extra), probe, timeout=300)
     return {**torch.load(probe), "log": result.stdout + result.stderr}
 
 

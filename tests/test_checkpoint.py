@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import HAS_VLLM, REPO, STEP_MAIN, free_port, launch, load_weights, read_metrics, subprocess_env, tiny_args
+from conftest import (HAS_VLLM, REPO, STEP_MAIN, free_port, launch, launch_probe, load_weights, read_metrics,
+                      subprocess_env, tiny_args)
 
 STEPS = 6
 BACKEND = "vllm" if HAS_VLLM else "hf"
@@ -186,13 +187,7 @@ def test_offline_export_equals_live_export_and_engine_outputs(tiny_model, uninte
 
     # The engine itself (ZeRO-3, 2 ranks, resumed from the last checkpoint) against the exported folders.
     probe = tmp_path / "probe.pt"
-    command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
-               str(REPO / "tests" / "scripts" / "engine_probe.py"),
-               *map(str, warmup_args(tiny_model, uninterrupted, "--rollout.backend", "hf"))]
-    env = subprocess_env()
-    env["PROBE_OUT"] = str(probe)
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    launch_probe("engine_probe.py", 2, warmup_args(tiny_model, uninterrupted, "--rollout.backend", "hf"), probe, timeout=300)
     engine = torch.load(probe)
     assert engine["step"] == STEPS
     for folder in (uninterrupted / "final", exported):

@@ -6,24 +6,15 @@ gradient with the LM head a partitioned ZeRO-3 parameter tied to the embedding (
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 
-from conftest import HAS_VLLM, REPO, free_port, subprocess_env, tiny_args
-
-PROBE = REPO / "tests" / "scripts" / "update_probe.py"
+from conftest import HAS_VLLM, launch_probe, tiny_args
 
 
 def run_probe(ranks: int, args: list, tmp_path) -> dict:
     out = tmp_path / "probe.json"
-    env = subprocess_env()
-    env["PROBE_OUT"] = str(out)
-    command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port",
-               str(free_port()), str(PROBE), *map(str, args)]
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, f"{result.stdout[-5000:]}\n{result.stderr[-5000:]}"
+    launch_probe("update_probe.py", ranks, args, out)
     return json.loads(out.read_text())
 
 

@@ -188,7 +188,7 @@ def test_evaluate_cli_with_vllm_two_models_in_one_process(tiny_chat_model, train
         cwd=Path(__file__).resolve().parent.parent, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     label = training_output_dir.name  # a training output dir is labelled by its own name
-    assert f"| first |" in result.stdout and f"| {label} |" in result.stdout
+    assert "| first |" in result.stdout and f"| {label} |" in result.stdout
     generations = [json.loads(line) for line in open(out / "generations.jsonl")]
     assert len(generations) == 4
     texts = {}

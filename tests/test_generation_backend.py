@@ -168,16 +168,11 @@ def test_zero3_actor_generates_the_same_tokens_with_its_weights_gathered_once(ti
     """rollout.hf_gather_weights (the default): the actor's ZeRO-3 weights gathered once per generate
     call give the tokens the per-layer gathers give, and leave the weights partitioned and the
     partitioning hooks in place, so the next update trains as before (2 ranks, real DeepSpeed)."""
-    from conftest import free_port, tiny_args
+    from conftest import launch_probe, tiny_args
 
     probe = tmp_path / "probe.pt"
-    command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
-               str(REPO / "tests" / "scripts" / "gather_probe.py"),
-               *map(str, tiny_args(tiny_model, tmp_path / "run", "--rollout.backend", "hf"))]
-    env = subprocess_env()
-    env["PROBE_OUT"] = str(probe)
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    launch_probe("gather_probe.py", 2, tiny_args(tiny_model, tmp_path / "run", "--rollout.backend", "hf"), probe,
+                 timeout=300)
     seen = torch.load(probe)
     assert seen["gather_True"] and not seen["gather_False"]
     assert seen["tokens_True"] == seen["tokens_False"]

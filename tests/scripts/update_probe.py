@@ -16,7 +16,6 @@ from gadchat import runtime  # noqa: E402
 
 runtime.set_process_defaults()
 
-import torch  # noqa: E402
 from deepspeed.utils import safe_get_full_grad  # noqa: E402
 
 from gadchat.config import load_config  # noqa: E402
