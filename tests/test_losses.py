@@ -450,7 +450,7 @@ def test_bradley_terry_by_rows_gives_the_whole_loss_gradient_in_any_grouping():
     backwards = []
 
     def backward(loss):
-        backwards.append(float(loss))
+        backwards.append(float(loss.detach()))
         loss.backward()
 
     t_all, s_all = bradley_terry_by_rows(lambda feats: feats @ w, backward, teacher_parts, student_parts, n)
