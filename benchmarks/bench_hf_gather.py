@@ -24,6 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 
+GATHERED, PER_LAYER = "gathered once per call", "gathered per layer and token"
+
+
 def parse(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=3)
@@ -57,9 +60,9 @@ def child(args) -> None:
     rows, _ = load_teacher_data(cfg.data, engine.tokenizer)
     prompts = [row.prompt_ids for row in rows[rank * args.prompts:(rank + 1) * args.prompts]]
     backends = {}
-    for gather in (True, False):
+    for gather, name in ((True, GATHERED), (False, PER_LAYER)):
         cfg.rollout.hf_gather_weights = gather
-        backends["gathered once per call" if gather else "gathered per layer and token"] = engine.actor_generator()
+        backends[name] = engine.actor_generator()
     times = {name: [] for name in backends}
     tokens = {}
 
@@ -102,7 +105,7 @@ def main(argv=None) -> None:
     for name, values in result["times"].items():
         seconds = common.median(values)
         rows.append([name, round(seconds, 2), result["tokens_per_rank"], round(result["tokens_per_rank"] / seconds)])
-    speedup = rows[1][1] / rows[0][1]
+    speedup = common.median(result["times"][PER_LAYER]) / common.median(result["times"][GATHERED])
     common.save_result("13_hf_gather", {
         "title": "13. Transformers generate on a ZeRO-3 actor: weights gathered once per call vs per layer (issue 11)",
         "description": f"`{args.model}` ({result['params_m']:.1f}M parameters), {args.ranks} ranks ZeRO-3 (CPU, gloo, "

@@ -41,8 +41,6 @@ def env() -> None:
              "bf16": bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported()),
              "flash_attn": importlib.util.find_spec("flash_attn") is not None,
              "vllm": importlib.util.find_spec("vllm") is not None}
-    for name in ("transformers", "deepspeed"):
-        facts[name] = __import__(name).__version__
     # Read here, on the GPU machine, so that a report made elsewhere from the logs names it.
     facts["machine"] = common.machine_info()
     facts["versions"] = common.package_versions(sys.executable)
@@ -65,8 +63,8 @@ def build(out_dir: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     build_tokenizer(out, vocab_size=4096)
     tokenizer = AutoTokenizer.from_pretrained(out)
-    config = Qwen2Config(**(TINY if CPU_DRY_RUN else QWEN25_05B), eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                         bos_token_id=None, torch_dtype="bfloat16")
+    config = Qwen2Config(**(TINY if CPU_DRY_RUN else QWEN25_05B), eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, bos_token_id=None, torch_dtype="bfloat16")
     torch.manual_seed(0)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = Qwen2ForCausalLM(config).to(torch.bfloat16)

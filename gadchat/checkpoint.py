@@ -252,22 +252,31 @@ class CheckpointManager:
             logger.info("resumed %s from %s at step %d/%d", state["stage"], step_dir, state["step"], self.total_steps)
         return int(state["step"])
 
-    def _check_compatible(self, step_dir: Path, state: dict):
-        cfg = self.cfg
+    def _shard_problems(self, state: dict) -> list:
+        """Why DeepSpeed could not load a checkpoint's ZeRO shards into this run's engines as they
+        are: another rank count, another ZeRO stage, another model."""
         problems = []
-        if state.get("stage") != cfg.trainer.stage:
-            problems.append(f"it is a {state.get('stage')!r} checkpoint, this run is the {cfg.trainer.stage!r} stage")
         if state.get("world_size") != self.world_size:
             problems.append(f"it was written by {state.get('world_size')} ranks, this run has {self.world_size}")
-        for key, mine in (("num_rows", self.num_rows), ("prompts_per_step", cfg.trainer.prompts_per_step),
-                          ("seed", cfg.trainer.seed), ("zero_stage", cfg.deepspeed.zero_stage)):
-            if state.get(key) != mine:
-                problems.append(f"{key} was {state.get(key)}, this run has {mine}")
+        if state.get("zero_stage") != self.cfg.deepspeed.zero_stage:
+            problems.append(f"zero_stage was {state.get('zero_stage')}, this run has {self.cfg.deepspeed.zero_stage}")
         for name, engine in self._engines().items():
             saved = state.get("models", {}).get(name)
             if saved and saved != model_signature(engine.module):
                 problems.append(f"the {name} model differs ({saved['numel']} parameters saved, "
                                 f"{model_signature(engine.module)['numel']} now, or different shapes)")
+        return problems
+
+    def _check_compatible(self, step_dir: Path, state: dict):
+        cfg = self.cfg
+        problems = []
+        if state.get("stage") != cfg.trainer.stage:
+            problems.append(f"it is a {state.get('stage')!r} checkpoint, this run is the {cfg.trainer.stage!r} stage")
+        problems += self._shard_problems(state)
+        for key, mine in (("num_rows", self.num_rows), ("prompts_per_step", cfg.trainer.prompts_per_step),
+                          ("seed", cfg.trainer.seed)):
+            if state.get(key) != mine:
+                problems.append(f"{key} was {state.get(key)}, this run has {mine}")
         for name in self._engines():
             if not (step_dir / name).is_dir():
                 problems.append(f"{step_dir / name} is missing")
@@ -286,35 +295,26 @@ class CheckpointManager:
         moments. A checkpoint DeepSpeed cannot load as it is (another rank count or ZeRO stage,
         another model) leaves the export's weights in place, with a warning that says why."""
         step_dir = latest_checkpoint(previous_output_dir)
-        state = read_state(step_dir) if step_dir is not None else {}
-        problems = []
         if step_dir is None:
-            problems.append("it has no checkpoint")
+            problems = ["it has no checkpoint"]
         else:
+            state = read_state(step_dir)
+            problems = self._shard_problems(state)
             if state.get("step") != state.get("total_steps"):
                 problems.append(f"its last checkpoint is step {state.get('step')} of {state.get('total_steps')}, "
                                 "not the exported final step")
-            if state.get("world_size") != self.world_size:
-                problems.append(f"it was written by {state.get('world_size')} ranks, this run has {self.world_size}")
-            if state.get("zero_stage") != self.cfg.deepspeed.zero_stage:
-                problems.append(f"it was written at ZeRO stage {state.get('zero_stage')}, "
-                                f"this run uses {self.cfg.deepspeed.zero_stage}")
-            for name, engine in self._engines().items():
-                saved = state.get("models", {}).get(name)
-                if saved and saved != model_signature(engine.module):
-                    problems.append(f"its {name} model differs from this run's")
         if problems:
             if self.rank == 0:
                 logger.warning("trainer.init_full_precision: %s: %s; this stage starts from the exported %s weights",
                                previous_output_dir, "; ".join(problems), str(self.engine.dtype).replace("torch.", ""))
             return
         self._load_engines(step_dir, skip_missing=True)
-        for name, engine in self._engines().items():
-            if (step_dir / name).is_dir():
-                fresh_optimizer_moments(engine)
+        loaded = [name for name in self._engines() if (step_dir / name).is_dir()]
+        for name in loaded:
+            fresh_optimizer_moments(self._engines()[name])
         if self.rank == 0:
             logger.info("full-precision hand-off: fp32 master weights of %s from %s, fresh optimizer moments",
-                        ", ".join(n for n in self._engines() if (step_dir / n).is_dir()), step_dir)
+                        ", ".join(loaded), step_dir)
 
     def _load_engines(self, step_dir: Path, skip_missing: bool = False):
         """Weights and optimizer states of every trained engine from ``step_dir`` (``skip_missing``:

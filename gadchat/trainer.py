@@ -63,8 +63,8 @@ class StageTrainer:
         init_times = self.engine.timer.timings()  # every rank: the step metrics must share their keys
         ds = cfg.deepspeed
         if self.world_size == 1 and ds.zero_stage == 3 and not (ds.offload_param or ds.offload_optimizer):
-            logger.warning("ZeRO-3 on a single rank without offload partitions nothing and costs about %d%% "
-                           "per step (benchmarks/RESULTS.md); --deepspeed.zero_stage 0 is the faster choice here", 20)
+            logger.warning("ZeRO-3 on a single rank without offload partitions nothing and costs about 20% "
+                           "per step (benchmarks/RESULTS.md); --deepspeed.zero_stage 0 is the faster choice here")
         if self.rank == 0:
             logger.info("engine ready: rollout=%s, ZeRO stage %d, %d rank(s), dtype %s; %s",
                         self.engine.backend, cfg.deepspeed.zero_stage, self.world_size, self.engine.dtype,

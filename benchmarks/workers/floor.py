@@ -5,7 +5,8 @@ over the teacher and the student sequences, micro-batched by prompt, backward, g
 AdamW step), the rewards being the student scores of that forward, before the update; GRPO
 advantages; policy-gradient + k3 KL loss in one forward/backward, one AdamW step; in-place weight
 reload into vLLM (re-tying the LM head as gadchat.rollout does). No DeepSpeed, none of our engine
-(only the pure loss of gadchat.losses), no metrics. Same protocol and same rows as ours.py.
+(only the pure Bradley-Terry loss and the sample-row indexing, sample_rows), no metrics. Same
+protocol and same rows as ours.py.
 
     floor.py --model DIR --prompts prompts.jsonl [--n 8 --max-new-tokens 64 ...]
 """
@@ -38,6 +39,7 @@ def build():
     from vllm import LLM, SamplingParams
 
     from gadchat.losses import bradley_terry_loss
+    from gadchat.stages.common import sample_rows
     from gadchat.rollout import _refresh_tied_lm_head
 
     tok = AutoTokenizer.from_pretrained(args.model)
@@ -101,7 +103,7 @@ def build():
         for s in range(0, len(batch), args.disc_micro_prompts):
             group = torch.arange(s, min(s + args.disc_micro_prompts, len(batch)))
             t_scores = scores(t_ids, t_attn, t_last, group)
-            s_scores = scores(ids, attn, last, (group.unsqueeze(1) * args.n + torch.arange(args.n)).reshape(-1))
+            s_scores = scores(ids, attn, last, sample_rows(group, args.n))
             s_scores = s_scores.view(len(group), args.n)
             rewards[group] = s_scores.detach()
             (bradley_terry_loss(t_scores, s_scores) * (len(group) / len(batch))).backward()
