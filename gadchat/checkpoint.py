@@ -37,10 +37,11 @@ import torch
 from gadchat import runtime
 from gadchat.config import parse_betas
 from gadchat.checkpoint_files import (COMPLETE, LATEST, STATE_FILE, checkpoint_root, disk_error,  # noqa: F401
-                                      export_complete, final_dir, latest_checkpoint, read_state,
+                                      export_complete, final_dir, last_good_checkpoint, latest_checkpoint, read_state,
                                       require_free_space, write_atomic)
 from gadchat.hf_export import export_live
-from gadchat.safe_load import CheckpointError, _safe_checkpoint_engine, safe_torch_load  # noqa: F401  (re-exported)
+from gadchat.safe_load import (CheckpointError, _safe_checkpoint_engine, safe_torch_load,  # noqa: F401  (re-exported)
+                               verify_loadable_without_code, weight_file_problem)
 
 logger = logging.getLogger("gadchat")
 
@@ -127,6 +128,36 @@ def clear_previous_run(output_dir) -> None:
 # reading checkpoints
 
 
+def resume_source(cfg) -> Path | None:
+    """The checkpoint folder ``trainer.resume`` names (None: start at step 0)."""
+    mode = cfg.trainer.resume
+    if mode == "none":
+        return None
+    if mode == "auto":
+        return latest_checkpoint(cfg.trainer.output_dir)
+    step_dir = latest_checkpoint(mode)
+    if step_dir is None:
+        raise CheckpointError(f"trainer.resume={mode}: no checkpoint there (no {LATEST} file or {STATE_FILE})")
+    return step_dir
+
+
+def check_files_before_loading(cfg, sources: dict, handoff: dict) -> None:
+    """Before any model loads: every local model folder's weight files and the resume checkpoint's
+    files are whole (CheckpointError naming the file and the flag that points at it)."""
+    for name, source in sources.items():
+        problem = weight_file_problem(source) if source and not str(source).startswith("builtin:") else None
+        if problem:
+            flag = (f"--trainer.init_from {cfg.trainer.init_from}" if handoff.get(name) == source
+                    else f"--model.{'actor' if name == 'reference' else name}_path {source}")
+            raise CheckpointError(f"{flag}: {problem}")
+    step_dir = resume_source(cfg)
+    if step_dir is not None:
+        try:
+            verify_loadable_without_code(step_dir)
+        except CheckpointError as exc:
+            raise CheckpointError(f"--trainer.resume {cfg.trainer.resume}: cannot resume from {step_dir}: {exc}") from None
+
+
 def model_signature(module) -> dict:
     """Parameter count and shapes digest, to tell a mismatched checkpoint before DeepSpeed does."""
     numel, shapes = 0, []
@@ -174,10 +205,14 @@ class CheckpointManager:
         """Estimated size of one checkpoint, all ranks together (parameter count x 16 bytes)."""
         return sum(model_signature(e.module)["numel"] for e in self._engines().values()) * CHECKPOINT_BYTES_PER_PARAM
 
-    def save(self, step: int) -> Path:
+    def save(self, step: int, health: dict | None = None) -> Path:
+        """Write the step-``step`` checkpoint; ``health`` (the guard's count of non-finite weights
+        and whether the step's metrics were finite) goes into its trainer_state.json. A write that
+        fails on any rank (a full disk) ends every rank with one line naming the folder."""
         step_dir = self.root / f"step_{step:08d}"
         with self.engine.timer("checkpoint"):
             require_free_space(self.root, self.checkpoint_bytes(), f"the step-{step} checkpoint")
+            error = None
             try:
                 if self.rank == 0:
                     if step_dir.exists():  # a torn earlier attempt at this step
@@ -190,14 +225,17 @@ class CheckpointManager:
                 if self.rank == 0:
                     self._save_hf_metadata(step_dir)
             except (OSError, RuntimeError) as exc:
-                raise disk_error(step_dir, f"the step-{step} checkpoint", exc) from exc
-            runtime.barrier()
+                error = disk_error(step_dir, f"the step-{step} checkpoint", exc)
+            runtime.raise_together(error, CheckpointError)
             _fault_injection_point("checkpoint_written_before_latest", step)
-            if self.rank == 0:
-                write_atomic(step_dir / STATE_FILE, json.dumps(self._state(step), indent=2))
-                write_atomic(self.root / LATEST, step_dir.name)
-                self._rotate()
-            runtime.barrier()
+            try:
+                if self.rank == 0:
+                    write_atomic(step_dir / STATE_FILE, json.dumps({**self._state(step), "health": health or {}}, indent=2))
+                    write_atomic(self.root / LATEST, step_dir.name)
+                    self._rotate()
+            except OSError as exc:
+                error = disk_error(step_dir, f"the step-{step} checkpoint", exc)
+            runtime.raise_together(error, CheckpointError)
         return step_dir
 
     def _save_hf_metadata(self, step_dir: Path):
@@ -221,15 +259,7 @@ class CheckpointManager:
     def maybe_resume(self) -> int:
         """Load the checkpoint ``trainer.resume`` asks for; returns the step to start at."""
         t = self.cfg.trainer
-        mode = t.resume
-        if mode == "none":
-            step_dir = None
-        elif mode == "auto":
-            step_dir = latest_checkpoint(self.output_dir)
-        else:
-            step_dir = latest_checkpoint(mode)
-            if step_dir is None:
-                raise CheckpointError(f"trainer.resume={mode}: no checkpoint there (no {LATEST} file or {STATE_FILE})")
+        step_dir = resume_source(self.cfg)
         if step_dir is None:
             if t.init_from and t.init_optimizer_states:
                 self._load_optimizer_states_from(t.init_from)
@@ -363,18 +393,19 @@ class CheckpointManager:
             if self.rank == 0 and partial.exists():
                 shutil.rmtree(partial)
             runtime.barrier()
+            for name, module in modules.items():
+                export_live(module, partial / name, engine.tokenizer, zero3=engine.zero3)
+                _fault_injection_point(f"export_wrote_{name}", 0)
+            error = None
             try:
-                for name, module in modules.items():
-                    export_live(module, partial / name, engine.tokenizer, zero3=engine.zero3)
-                    _fault_injection_point(f"export_wrote_{name}", 0)
                 if self.rank == 0:
                     write_atomic(partial / COMPLETE, "\n".join(modules) + "\n")
                     if out.exists():
                         shutil.rmtree(out)
                     os.replace(partial, out)
-            except (OSError, RuntimeError) as exc:
-                raise disk_error(partial, "the final export", exc) from exc
-            runtime.barrier()
+            except OSError as exc:
+                error = disk_error(partial, "the final export", exc)
+            runtime.raise_together(error, CheckpointError)
         return out
 
 

@@ -48,6 +48,24 @@ def latest_checkpoint(path) -> Path | None:
     return None
 
 
+def last_good_checkpoint(output_dir, before_step: int | None = None) -> Path | None:
+    """The newest checkpoint of ``output_dir`` whose trainer_state.json records finite weights and
+    finite step metrics (counted when it was saved; a checkpoint without that record is not
+    vouched for), older than ``before_step`` when given; None when there is none."""
+    root = checkpoint_root(output_dir)
+    for step_dir in sorted((p for p in root.glob("step_*") if (p / STATE_FILE).exists()), reverse=True):
+        try:
+            state = read_state(step_dir)
+        except CheckpointError:
+            continue
+        health = state.get("health") or {}
+        if before_step is not None and int(state.get("step", 0)) >= before_step:
+            continue
+        if health.get("weights_finite") is True and health.get("metrics_finite") is True:
+            return step_dir
+    return None
+
+
 def read_state(step_dir) -> dict:
     path = Path(step_dir) / STATE_FILE
     try:
@@ -80,9 +98,15 @@ def disk_error(folder, what: str, exc: BaseException) -> CheckpointError:
 
 
 def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` whole or not at all: a temporary file beside it, renamed once
+    written; a failed write (a full disk) removes the temporary file and leaves ``path`` as it was."""
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -46,7 +46,7 @@ def run_stage(stage: str, argv=None) -> dict:
     from gadchat.trainer import StageTrainer
 
     cfg = load_config(argv, stage=stage, description=stage_description(stage)).check_paths()
-    result = StageTrainer(cfg).run()
+    result = StageTrainer(cfg).run()  # the trainer holds the output folder's lock until it returns
     # Leave together: a rank that exits while another is still in a collective (e.g. the short
     # "already finished" path right after a checkpoint load) can make gloo abort the process.
     runtime.barrier()
@@ -58,14 +58,20 @@ def main_for(stage: str, argv=None) -> None:
     checkpoint errors exit 2 with one line, a diverged run exits 3."""
     from gadchat.checkpoint import CheckpointError
     from gadchat.nonfinite import NonFiniteError
+    from gadchat.run_lock import FolderBusyError
+    from gadchat.stop_signal import StopRequested
 
     try:
         run_stage(stage, argv)
+    except StopRequested as exc:
+        # SIGTERM/SIGINT: every rank stopped at the same step boundary (checkpoint saved there).
+        print(f"stopped: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
     except NonFiniteError as exc:
         # Training diverged: the step, the model and the quantity; nothing was saved over the last checkpoint.
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(3)
-    except (ValueError, FileNotFoundError, CheckpointError) as exc:
+    except (ValueError, FileNotFoundError, CheckpointError, FolderBusyError) as exc:
         # Configuration, data and checkpoint problems: one clear line naming the culprit.
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)

@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -212,6 +213,13 @@ class TrainerConfig:
     on_nonfinite: str = "error"
     """A NaN/Inf loss or gradient norm: error = stop (nothing saved over the last good checkpoint);
     skip = go on when DeepSpeed skipped that update (ZeRO 1-3 do), counted in ``nonfinite/skipped_steps``."""
+    spike_threshold: float = 10.0
+    """A loss, gradient norm or weight RMS above this many times the median of its previous steps
+    is a spike: a warning, and the NaN guard names no checkpoint saved at or after a spike that
+    came in the 20 steps before the NaN. 0 = off."""
+    save_on_signal: bool = True
+    """SIGTERM / SIGINT (a preempted job, ``kill`` of the launcher, Ctrl-C): every rank stops at the
+    next step boundary and, when true, saves a checkpoint there first; resume continues exactly."""
 
 
 @dataclass
@@ -295,6 +303,7 @@ def value_problems(cfg: "GADConfig") -> list:
     choice("deepspeed.zero_stage", cfg.deepspeed.zero_stage, (0, 1, 2, 3))
     choice("model.dtype", cfg.model.dtype, DTYPES)
     choice("trainer.on_nonfinite", t.on_nonfinite, ("error", "skip"))
+    number("trainer.spike_threshold", t.spike_threshold, low=0)
     need(bool(str(cfg.model.actor_path).strip()), "model.actor_path", "a hub id or a folder", cfg.model.actor_path)
     need(bool(str(d.train_files).strip()), "data.train_files", "one or more files", d.train_files)
     need(bool(str(t.output_dir).strip()), "trainer.output_dir", "a folder", t.output_dir)
@@ -384,6 +393,8 @@ def path_problems(cfg: "GADConfig") -> list:
                 loaded = json.loads(path.read_text(encoding="utf-8"))
                 if not isinstance(loaded, dict):
                     problems.append(f"--deepspeed.config_file {ds_file}: expected a JSON object, got {type(loaded).__name__}")
+                elif deepspeed_json_problem(loaded):
+                    problems.append(f"--deepspeed.config_file {ds_file}: {deepspeed_json_problem(loaded)}")
             except (json.JSONDecodeError, UnicodeDecodeError) as exc:
                 problems.append(f"--deepspeed.config_file {ds_file}: not valid JSON ({exc})")
     out = Path(cfg.trainer.output_dir)
@@ -394,6 +405,48 @@ def path_problems(cfg: "GADConfig") -> list:
         if parent is not None and not parent.is_dir():
             problems.append(f"--trainer.output_dir {out}: {parent} is a file, not a folder")
     return problems
+
+
+def _key_path(tree, key, value, prefix: str = "") -> str | None:
+    """The dotted path in the JSON ``tree`` of the first ``key`` holding ``value``."""
+    if isinstance(tree, dict):
+        for name, child in tree.items():
+            here = f"{prefix}.{name}" if prefix else str(name)
+            if name == key and (child == value or value is None):
+                return here
+            found = _key_path(child, key, value, here)
+            if found:
+                return found
+    return None
+
+
+def deepspeed_json_problem(user: dict) -> str | None:
+    """Pure (but imports DeepSpeed): why DeepSpeed's own schema refuses a user's DeepSpeed JSON,
+    as ``field.path: reason (got value)``, with the batch fields the trainer sets itself; None when
+    it is accepted."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _has_cuda() else "cuda")
+    from deepspeed.runtime.config import DeepSpeedConfig as DeepSpeedSchema
+
+    config = {k: v for k, v in user.items()
+              if k not in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")}
+    config.update(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1)
+    try:
+        DeepSpeedSchema(config)
+    except Exception as exc:  # pydantic's ValidationError, DeepSpeed's asserts and ValueErrors
+        errors = getattr(exc, "errors", None)
+        if callable(errors):
+            first = errors()[0]
+            loc = [str(part) for part in first.get("loc", ())]
+            path = (_key_path(user, loc[-1], first.get("input")) if loc else None) or ".".join(loc) or "?"
+            return f"{path}: {first.get('msg', exc)} (got {first.get('input')!r}; DeepSpeed's {exc.title})"
+        return f"refused by DeepSpeed: {' '.join(str(exc).split())[:300]}"
+    return None
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def parse_betas(text: str) -> tuple:
@@ -454,7 +507,7 @@ def apply_overrides(cfg: GADConfig, overrides: dict, source: str) -> GADConfig:
 def build_parser(description: str = "GAD-Chat training", stage: str | None = None) -> argparse.ArgumentParser:
     """Every field as ``--section.field``, its help the field's doc and its default (the stage's
     published default where ``stage`` has one)."""
-    parser = argparse.ArgumentParser(description=description)
+    parser = argparse.ArgumentParser(description=description, allow_abbrev=False)  # --trainer.over is no --trainer.overwrite
     parser.add_argument("--config", default="", help="YAML file with the same sections as the flags")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
     defaults = GADConfig()
@@ -526,9 +579,23 @@ def load_config(argv=None, stage: str | None = None, description: str = "GAD-Cha
 
 
 def save_config(cfg: GADConfig, path: str | Path) -> None:
+    """``config.json``, written whole or not at all (a full disk leaves no partial file)."""
+    from gadchat.checkpoint_files import write_atomic
+
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as handle:
-        json.dump(cfg.to_dict(), handle, indent=2)
+    write_atomic(Path(path), json.dumps(cfg.to_dict(), indent=2))
+
+
+def config_differences(saved: dict, cfg: GADConfig) -> list:
+    """Pure: ``--section.field saved -> now`` for every field of ``cfg`` whose value differs from
+    ``saved`` (a run's config.json)."""
+    changes = []
+    for section, values in cfg.to_dict().items():
+        for key, value in values.items():
+            before = (saved.get(section) or {}).get(key, "(absent)")
+            if before != value:
+                changes.append(f"--{section}.{key} {before!r} -> {value!r}")
+    return changes
 
 
 def config_from_dict(values: dict) -> GADConfig:

@@ -369,19 +369,34 @@ class HybridEngine:
     # checks
 
     @torch.no_grad()
-    def param_digest(self, engine) -> float:
-        """``sum(w) + sum(w^2)`` over every weight in float64, summed over the ZeRO-3 shards: equal
-        digests mean untouched weights (a changed float never cancels out exactly in practice)."""
-        total = torch.zeros((), dtype=torch.float64, device=self.device)
+    def weight_sums(self, engine) -> dict:
+        """``sum``, ``sum_sq`` and ``nonfinite`` (count of NaN/Inf) over every weight of ``engine`` in
+        float64, summed over the ZeRO-3 shards, and ``numel``; every rank gets the same figures."""
+        totals = torch.zeros(3, dtype=torch.float64, device=self.device)
+        numel = 0
         for param in engine.module.parameters():
             data = param.ds_tensor if hasattr(param, "ds_tensor") else param.data
-            values = data.double()
-            total += values.sum() + (values * values).sum()
+            numel += int(getattr(param, "ds_numel", param.numel()))
+            values = data.float().reshape(-1)
+            nonfinite = (~torch.isfinite(values)).sum()
+            if nonfinite:
+                totals[2] += nonfinite
+                values = torch.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)
+            values = values.double()
+            totals[0] += values.sum()
+            totals[1] += torch.dot(values, values)
         if self.zero3 and self.world_size > 1:
             import torch.distributed as dist
 
-            dist.all_reduce(total)
-        return float(total)
+            dist.all_reduce(totals)
+        total, squares, nonfinite = totals.tolist()
+        return {"sum": total, "sum_sq": squares, "nonfinite": int(nonfinite), "numel": numel}
+
+    def param_digest(self, engine) -> float:
+        """``sum(w) + sum(w^2)`` over every weight in float64, summed over the ZeRO-3 shards: equal
+        digests mean untouched weights (a changed float never cancels out exactly in practice)."""
+        sums = self.weight_sums(engine)
+        return float("nan") if sums["nonfinite"] else sums["sum"] + sums["sum_sq"]
 
     @torch.no_grad()
     def rollout_matches_actor(self, prompts: list, max_new_tokens: int) -> float:

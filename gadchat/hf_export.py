@@ -32,7 +32,17 @@ def gathered_state_dict(module, zero3: bool) -> dict:
     return state
 
 
+def require_finite_weights(state: dict, where) -> None:
+    """Raise CheckpointError naming the first tensor of ``state`` that holds NaN or Inf."""
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise CheckpointError(f"{where}: refused to export non-finite weights: {name} holds {bad} NaN/Inf "
+                                  f"value(s) of {tensor.numel()}; export an earlier checkpoint")
+
+
 def _save_hf_folder(model_like, state: dict, out: Path, tokenizer) -> None:
+    require_finite_weights(state, out)
     out.mkdir(parents=True, exist_ok=True)
     model_like.save_pretrained(out, state_dict=state, safe_serialization=True)
     tokenizer.save_pretrained(out)
@@ -42,11 +52,17 @@ def export_live(module, out: Path, tokenizer, zero3: bool) -> None:
     """Save a training module (actor, or the discriminator's sequence-classification model) as a
     Hugging Face folder, gathered to rank 0."""
     state = gathered_state_dict(module, zero3)
+    error = None
     if runtime.is_rank0():
         persistent = set(module.state_dict().keys())
         state = {k: v for k, v in state.items() if k in persistent}
-        _save_hf_folder(module, state, Path(out), tokenizer)
-    runtime.barrier()
+        try:
+            _save_hf_folder(module, state, Path(out), tokenizer)
+        except CheckpointError as exc:
+            error = exc
+        except OSError as exc:
+            error = disk_error(out, "the final export", exc)
+    runtime.raise_together(error, CheckpointError)
 
 
 def export_from_checkpoint(checkpoint_path, out_dir, which: str = "actor", dtype: str = "float32") -> Path:
@@ -73,6 +89,7 @@ def export_from_checkpoint(checkpoint_path, out_dir, which: str = "actor", dtype
     if missing:
         raise CheckpointError(f"{engine_dir}: the checkpoint lacks {len(missing)} weights of the model, e.g. {missing[:3]}")
     state = {k: v.to(torch_dtype) for k, v in state.items() if k in expected}
+    require_finite_weights(state, engine_dir)
     model = model.to_empty(device="cpu")
     model.load_state_dict(state, strict=False)
     if _is_tied(config, "lm_head.weight"):

@@ -207,3 +207,27 @@ def global_stats(values) -> dict:
         dist.all_reduce(squares)
     std = (squares.item() / (count - 1)) ** 0.5 if count > 1 else 0.0
     return {"mean": mean, "std": std, "max": extremes[0].item(), "min": -extremes[1].item(), "count": count}
+
+
+def first_error(message: str | None) -> str | None:
+    """The first rank's error message when any rank has one, on every rank (one collective;
+    ``message`` itself when alone): so a failure on one rank ends every rank with the same line
+    instead of leaving the others waiting in the next collective."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return message
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, message)
+    return next((m for m in gathered if m), None)
+
+
+def raise_together(error: BaseException | None, kind=RuntimeError) -> None:
+    """Raise on every rank when any rank met an error: its own ``error``, or ``kind`` with the
+    message of the first rank that failed (every rank must call it)."""
+    message = first_error(None if error is None else str(error))
+    if message is None:
+        return
+    if error is not None:
+        raise error
+    raise kind(message)

@@ -66,3 +66,26 @@ def _safe_checkpoint_engine(engine) -> None:
     checkpoint_engine = getattr(engine, "checkpoint_engine", None)
     if checkpoint_engine is not None:
         checkpoint_engine.load = lambda path, map_location=None: safe_torch_load(path, map_location)
+
+
+def weight_file_problem(folder) -> str | None:
+    """Why a model folder's weight files cannot be read whole, naming the file (each safetensors
+    header is checked against the file's size, each ``.bin``'s archive is opened; no tensor is
+    loaded); None when they look whole or the folder is no local folder (a hub id)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    from safetensors import safe_open
+
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                handle.keys()
+        except Exception as exc:  # safetensors' SafetensorError, OSError
+            return f"{path} is truncated or corrupt ({type(exc).__name__}: {str(exc)[:200]})"
+    for path in sorted(folder.glob("*.bin")):
+        try:
+            torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+        except Exception as exc:
+            return f"{path} is truncated or corrupt ({type(exc).__name__}: {str(exc)[:200]})"
+    return None

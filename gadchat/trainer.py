@@ -2,24 +2,33 @@
 declares, load the teacher data, resume, run ``recipe.step`` step after step with the non-finite
 guard, checkpoint, export.
 
+The run holds its output folder's lock (:mod:`gadchat.run_lock`) from before anything is read or
+written until it ends, checks every weight file it will load before any model loads, and stops
+every rank together at a step boundary on SIGTERM/SIGINT (:mod:`gadchat.stop_signal`). A write
+that fails on one rank (a full disk) ends every rank with the same line.
+
 Token-means inside a step are taken over the rank's whole batch (each micro-batch contributes its
 share), and DeepSpeed averages the gradients over the ranks.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import time
 from pathlib import Path
 
 from gadchat import checkpoint, roles, runtime
-from gadchat.config import GADConfig, save_config
+from gadchat.checkpoint_files import disk_error
+from gadchat.config import GADConfig, config_differences, save_config
 from gadchat.data import PromptSchedule, load_teacher_data
 from gadchat.engine import HybridEngine
 from gadchat.metrics_log import MetricsLogger
 from gadchat.nonfinite import NonFiniteGuard
+from gadchat.run_lock import FolderBusyError, FolderLock
 from gadchat.stages import common, recipe
+from gadchat.stop_signal import StopRequested, StopWatch
 
 logger = logging.getLogger("gadchat")
 
@@ -36,10 +45,38 @@ class StageTrainer:
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         runtime.seed_everything(cfg.trainer.seed)
         self.output_dir = Path(cfg.trainer.output_dir)
+        self.stop = StopWatch()
+        self.lock = self._lock_output_dir()
+        try:
+            self._build(cfg)
+        except BaseException:
+            self.release()
+            raise
+
+    def _lock_output_dir(self) -> FolderLock | None:
+        """One run per output folder: rank 0 takes its lock, or every rank raises FolderBusyError
+        naming the holder, before anything is read or written."""
+        lock, error = None, None
+        if self.rank == 0:
+            try:
+                lock = FolderLock(self.output_dir, f"the {self.cfg.trainer.stage} stage").acquire()
+            except FolderBusyError as exc:
+                error = exc
+        runtime.raise_together(error, FolderBusyError)
+        return lock
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    def _build(self, cfg: GADConfig) -> None:
         # Before anything is built or written: refuse to start over a run unless --trainer.overwrite.
         self.clear_output_dir = checkpoint.check_output_dir(cfg)
         stage_roles = self.recipe.roles(cfg)
-        sources = roles.role_sources(stage_roles, cfg, checkpoint.handoff_paths(cfg, stage_roles))
+        handoff = checkpoint.handoff_paths(cfg, stage_roles)
+        sources = roles.role_sources(stage_roles, cfg, handoff)
+        checkpoint.check_files_before_loading(cfg, sources, handoff)
         if self.rank == 0:
             logger.info("stage %s: %s", cfg.trainer.stage, "; ".join(
                 f"{name} {'trains' if role.trains else 'frozen'} from {sources[name]}" for name, role in stage_roles.items()))
@@ -55,7 +92,8 @@ class StageTrainer:
         self.total_steps = self.schedule.total_steps(cfg.trainer.epochs, cfg.trainer.max_steps)
         self.checkpoints = checkpoint.CheckpointManager(cfg, self.engine, self.rank, self.world_size,
                                                         num_rows=len(self.examples), total_steps=self.total_steps)
-        self.guard = NonFiniteGuard(self.engine, cfg.trainer.on_nonfinite, self.output_dir, self.rank)
+        self.guard = NonFiniteGuard(self.engine, cfg.trainer.on_nonfinite, self.output_dir, self.rank,
+                                    cfg.trainer.spike_threshold)
         self.eval_examples = None
         self.start_step = 0
         if self.recipe.uses_rollout(cfg):
@@ -81,6 +119,12 @@ class StageTrainer:
     # ------------------------------------------------------------------------------------------
 
     def run(self) -> dict:
+        try:
+            return self._run()
+        finally:
+            self.release()
+
+    def _run(self) -> dict:
         cfg, t = self.cfg, self.cfg.trainer
         if self.rank == 0:
             if self.clear_output_dir:
@@ -89,24 +133,16 @@ class StageTrainer:
             self.output_dir.mkdir(parents=True, exist_ok=True)
         runtime.barrier()
         self.start_step = self.checkpoints.maybe_resume()
-        if self.rank == 0:  # only once the resume was accepted: a refused one leaves config.json alone
-            save_config(cfg, self.output_dir / "config.json")
-        self.metrics = MetricsLogger(self.output_dir, enabled=self.rank == 0, tensorboard=t.tensorboard,
-                                     progress=t.progress_bar, total=self.total_steps, start=self.start_step,
-                                     stage=t.stage)
         if self.start_step >= self.total_steps:
-            if self.rank == 0:
-                logger.info("stage %s already finished at step %d/%d in %s; nothing to do (use a new "
-                            "--trainer.output_dir or raise --trainer.max_steps to train further)",
-                            t.stage, self.start_step, self.total_steps, self.output_dir)
-            if t.export_hf and not checkpoint.export_complete(self.output_dir):
-                self.checkpoints.export_final()  # the run died between its last checkpoint and the export's end
-            self.metrics.close()
-            return {"finished": True, "step": self.start_step}
+            return self._finished()
+        # Only once the resume was accepted: a refused one leaves config.json alone.
+        self._write_together("config.json and metrics.jsonl", self._open_run_files)
         if t.log_param_digest and self.start_step == 0:
             self.metrics.log(0, self.param_digests(), advance=False)
+        self.guard.start(self.start_step)
         last = {}
         for step in range(self.start_step, self.total_steps):
+            self._stop_if_asked(step)
             started = time.perf_counter()
             batch = [self.examples[i] for i in self.schedule.rank_indices(step)]
             counters = self.guard.counters()
@@ -131,16 +167,77 @@ class StageTrainer:
             self.guard.check(step + 1, metrics, counters, self.metrics.log)
             last = metrics
             if (step + 1) % t.log_every == 0 or step + 1 == self.total_steps:
-                self.metrics.log(step + 1, metrics)
+                self._write_together("metrics.jsonl", lambda: self.metrics.log(step + 1, metrics))
             else:
                 self.metrics.advance()
             if t.save_every and (step + 1) % t.save_every == 0 and step + 1 < self.total_steps:
-                self.checkpoints.save(step + 1)
-        self.checkpoints.save(self.total_steps)
+                self.save(step + 1)
+        self.save(self.total_steps)
         if t.export_hf:
             self.checkpoints.export_final()
         self.metrics.close()
         return last
+
+    def save(self, step: int):
+        return self.checkpoints.save(step, self.guard.checkpoint_health())
+
+    def _open_run_files(self) -> None:
+        t = self.cfg.trainer
+        if self.rank == 0:
+            save_config(self.cfg, self.output_dir / "config.json")
+        self.metrics = MetricsLogger(self.output_dir, enabled=self.rank == 0, tensorboard=t.tensorboard,
+                                     progress=t.progress_bar, total=self.total_steps, start=self.start_step,
+                                     stage=t.stage)
+
+    def _write_together(self, what: str, write) -> None:
+        """Run ``write`` (rank 0 writes files); a failed write (a full disk) ends every rank with
+        one line naming the folder, not a traceback on one rank and a lost peer on the others."""
+        error = None
+        try:
+            write()
+        except OSError as exc:
+            error = disk_error(self.output_dir, what, exc)
+        runtime.raise_together(error, checkpoint.CheckpointError)
+
+    def _finished(self) -> dict:
+        """A rerun of a finished stage: nothing is trained and its folder stays byte-identical
+        (config.json included); the flags that differ from the finished run's are named."""
+        t = self.cfg.trainer
+        if self.rank == 0:
+            logger.info("stage %s already finished at step %d/%d in %s; nothing to do (use a new "
+                        "--trainer.output_dir or raise --trainer.max_steps to train further)",
+                        t.stage, self.start_step, self.total_steps, self.output_dir)
+            try:
+                saved = json.loads((self.output_dir / "config.json").read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                saved = None
+            changes = config_differences(saved, self.cfg) if isinstance(saved, dict) else []
+            if changes:
+                logger.warning("these flags differ from the finished run's config.json and were not applied "
+                               "(the folder is left as it was): %s", "; ".join(changes))
+        if t.export_hf and not checkpoint.export_complete(self.output_dir):
+            self.checkpoints.export_final()  # the run died between its last checkpoint and the export's end
+        return {"finished": True, "step": self.start_step}
+
+    def _stop_if_asked(self, step: int) -> None:
+        """At the boundary before ``step``: when any rank got SIGTERM/SIGINT (or lost its
+        launcher), every rank saves a checkpoint here (``--trainer.save_on_signal``) and stops."""
+        signum = self.stop.stop_now()
+        if not signum:
+            return
+        import signal
+
+        name = signal.Signals(signum).name
+        saved = ""
+        if self.cfg.trainer.save_on_signal and step > self.start_step:
+            saved = f"; saved {self.save(step)}"
+        elif step > 0 and checkpoint.latest_checkpoint(self.output_dir) is not None:
+            saved = f"; the latest checkpoint is {checkpoint.latest_checkpoint(self.output_dir)}"
+        self.metrics.close()
+        raise StopRequested(
+            f"stopped by {name} at step {step}/{self.total_steps} of the {self.cfg.trainer.stage} stage in "
+            f"{self.output_dir}{saved}; rerun the same command (--trainer.resume auto) to continue from there",
+            signum)
 
     def param_digests(self) -> dict:
         """``digest/<role>``: a sum over every weight of each role (which models moved)."""
