@@ -28,7 +28,7 @@ from gadchat.teacher.prompts import load_prompt_rows
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = argparse.ArgumentParser(allow_abbrev=False, 
         prog=prog("applications.collect_teacher_data", "gadchat-collect"),
         description="Collect teacher responses from an OpenAI-compatible chat endpoint (resumable). Output rows "
                     "come in the order the answers arrive, not the input order.",

@@ -28,6 +28,7 @@ Writes ``results.md`` (one markdown table per set, all models as rows; also prin
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -48,6 +49,7 @@ from gadchat.judge import (
     run_parallel,
 )
 from gadchat.rouge import rouge_l_f1
+from gadchat.run_lock import FolderBusyError, FolderLock
 from gadchat.teacher.client import AuthenticationError, ChatEndpoint, SamplingSettings
 from gadchat.teacher.jsonl import JsonlAppender, recover_jsonl
 
@@ -100,7 +102,7 @@ def parse_eval_sets(specs: list) -> list[EvalSet]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = argparse.ArgumentParser(allow_abbrev=False, 
         prog=prog("applications.evaluate", "gadchat-eval"), formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="ROUGE-L and LLM-judge evaluation of one or several models. The judge score of a model is the "
                     "mean over prompts of s_student / (s_student + s_reference) x 100, prompts whose grades could not "
@@ -179,13 +181,19 @@ def markdown_tables(results: dict, sets: list[EvalSet], labels: list[str], judge
 
 def main(argv=None) -> int:
     try:
-        return evaluate(argv)
+        with contextlib.ExitStack() as held:
+            return evaluate(argv, held)
     except AuthenticationError as err:
         print(f"error: judge: {err}", file=sys.stderr)
         return 2
+    except FolderBusyError as err:
+        print(f"error: --output-dir {err}", file=sys.stderr)
+        return 2
 
 
-def evaluate(argv=None) -> int:
+def evaluate(argv=None, held: contextlib.ExitStack | None = None) -> int:
+    """Evaluate as the flags ``argv`` say; ``held`` keeps the output folder's lock until the caller
+    closes it (one writer per folder)."""
     args = build_parser().parse_args(argv)
     progress = not args.no_progress
     try:
@@ -217,7 +225,9 @@ def evaluate(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     out_dir = Path(args.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    lock = FolderLock(out_dir, "an evaluation").acquire()
+    if held is not None:
+        held.callback(lock.release)
 
     # 1. Greedy answers of every model to every prompt of every set (one engine per model).
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=0.0, n=1)

@@ -425,3 +425,13 @@ def _fault_injection_point(name: str, step: int) -> None:
         import signal
 
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_pause() -> None:
+    """For stop and lock tests: ``GADCHAT_TEST_STEP_PAUSE=seconds`` sleeps at every step boundary
+    (the run takes longer, its numbers do not change)."""
+    seconds = float(os.environ.get("GADCHAT_TEST_STEP_PAUSE", "0") or 0)
+    if seconds > 0:
+        import time
+
+        time.sleep(seconds)

@@ -89,12 +89,14 @@ class NonFiniteGuard:
             health[name] = {"rms": math.sqrt(sums["sum_sq"] / max(sums["numel"], 1)), "nonfinite": sums["nonfinite"]}
         return health
 
-    def checkpoint_health(self) -> dict:
-        """What a checkpoint saved now records (every rank must call it): whether every weight of
-        the trained models is finite (counted now) and whether the last step's metrics were."""
+    def checkpoint_health(self, step: int) -> dict:
+        """What the step-``step`` checkpoint records (every rank must call it): whether every weight
+        of the trained models is finite (counted now), whether the step's metrics were, and the
+        spikes of the steps just before it."""
         weights = self.weight_health()
         return {"weights_finite": all(h["nonfinite"] == 0 for h in weights.values()),
                 "metrics_finite": self.step_finite,
+                "spikes": [text for _, text in self.spikes.recent(step)],
                 "weight_rms": {name: h["rms"] for name, h in weights.items()}}
 
     def start(self, step: int) -> None:

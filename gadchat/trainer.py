@@ -142,6 +142,7 @@ class StageTrainer:
         self.guard.start(self.start_step)
         last = {}
         for step in range(self.start_step, self.total_steps):
+            checkpoint.test_pause()
             self._stop_if_asked(step)
             started = time.perf_counter()
             batch = [self.examples[i] for i in self.schedule.rank_indices(step)]
@@ -179,7 +180,7 @@ class StageTrainer:
         return last
 
     def save(self, step: int):
-        return self.checkpoints.save(step, self.guard.checkpoint_health())
+        return self.checkpoints.save(step, self.guard.checkpoint_health(step))
 
     def _open_run_files(self) -> None:
         t = self.cfg.trainer

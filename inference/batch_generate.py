@@ -25,7 +25,7 @@ from gadchat.teacher.prompts import load_prompt_rows
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog("inference.batch_generate", "gadchat-generate"), description="Batch generation from a prompts file.")
+    parser = argparse.ArgumentParser(allow_abbrev=False, prog=prog("inference.batch_generate", "gadchat-generate"), description="Batch generation from a prompts file.")
     parser.add_argument("--model", required=True, help="model folder, training output dir, or hub id")
     parser.add_argument("--prompts", required=True, help="JSON lines / parquet / datasets folder / hf:NAME (comma-separated)")
     parser.add_argument("--output", required=True, help="output JSON-lines file")

@@ -17,7 +17,7 @@ from gadchat.generation import BACKENDS, GenerationSettings, Generator
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog("inference.chat", "gadchat-chat"), description="Multi-turn chat with a model folder.")
+    parser = argparse.ArgumentParser(allow_abbrev=False, prog=prog("inference.chat", "gadchat-chat"), description="Multi-turn chat with a model folder.")
     parser.add_argument("--model", required=True, help="model folder, training output dir, or hub id")
     parser.add_argument("--backend", default="hf", choices=BACKENDS, help="hf streams (default); vllm prints whole answers")
     parser.add_argument("--system", default="", help="system prompt for the conversation")

@@ -9,7 +9,9 @@ zero_to_fp32) and writes ``OUT/actor`` (AutoModelForCausalLM, loadable by vLLM) 
 score equals the training score) with tokenizer and chat template. No GPU needed. Every file is
 checked to hold only tensors and DeepSpeed's plain state before anything is unpickled (a crafted
 checkpoint is refused, naming the file); each folder is written beside its target and renamed
-once whole.
+once whole. The OUT folder is locked while it is written (one writer per folder: a stage still
+running there, or another export, is refused naming its PID and host), and a checkpoint whose
+weights hold NaN/Inf is refused naming the tensor.
 """
 
 from __future__ import annotations
@@ -18,13 +20,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from gadchat.checkpoint import CheckpointError, latest_checkpoint
+from gadchat.checkpoint import CheckpointError, latest_checkpoint, read_state
 from gadchat.hf_export import export_from_checkpoint
+from gadchat.run_lock import FolderBusyError, FolderLock
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     parser.add_argument("--checkpoint", required=True, help="a stage's output dir, its checkpoints/ folder, or a step folder")
     parser.add_argument("--out", required=True, help="OUT/actor and OUT/discriminator are written")
     parser.add_argument("--which", default="both", choices=("actor", "discriminator", "both"), help="models to export")
@@ -37,10 +40,17 @@ def main(argv=None) -> int:
         which = ["actor", "discriminator"] if args.which == "both" else [args.which]
         if args.which == "both" and not (step_dir / "discriminator").is_dir():
             which = ["actor"]  # SeqKD, or a frozen discriminator: nothing trained to export
-        for name in which:
-            out = export_from_checkpoint(step_dir, Path(args.out) / name, which=name, dtype=args.dtype)
-            print(f"[export] {name}: {step_dir} -> {out}")
-    except CheckpointError as exc:
+        health = read_state(step_dir).get("health") or {}
+        if health.get("weights_finite") is False or health.get("metrics_finite") is False:
+            print(f"warning: {step_dir} was saved with non-finite weights or step metrics (its trainer_state.json)",
+                  file=sys.stderr)
+        for spike in health.get("spikes", []):
+            print(f"warning: {step_dir} was saved after a spike: {spike}", file=sys.stderr)
+        with FolderLock(Path(args.out), "an export"):
+            for name in which:
+                out = export_from_checkpoint(step_dir, Path(args.out) / name, which=name, dtype=args.dtype)
+                print(f"[export] {name}: {step_dir} -> {out}")
+    except (CheckpointError, FolderBusyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
