@@ -44,6 +44,8 @@ class Case:
     expect: str
     """Text the error line must hold."""
     code: int = 2
+    marker: str = "error:"
+    """The line of stderr the table records: the last one holding this text."""
 
 
 def write(path: Path, text, binary: bool = False) -> Path:
@@ -96,6 +98,104 @@ def malicious_checkpoint(tmp: Path) -> Path:
     (step / "actor").mkdir(parents=True, exist_ok=True)
     torch.save({"module": Malicious()}, step / "actor" / "mp_rank_00_model_states.pt")
     return tmp / "evil"
+
+
+BEFORE_MODELS = {"folder_busy", "prefix_flag", "truncated_actor", "truncated_discriminator", "truncated_init_from",
+                 "truncated_resume", "ds_schema"}
+"""Cases that must be refused before any model loads (the run's "engine ready" line never comes)."""
+HELD = []
+"""Processes a case started (a run holding a folder), stopped once the case is done."""
+UNCHANGED = {}
+"""``case folder: (path, snapshot)`` of a folder a case must leave byte-identical."""
+MOUNTS = []
+"""tmpfs mounts a case made, unmounted once it is done."""
+
+
+def tiny_model() -> Path:
+    from gadchat.tiny import ensure_tiny_model
+
+    return ensure_tiny_model(Path(tempfile.gettempdir()) / "gadchat_bad_inputs_tiny")
+
+
+def truncated_model(tmp: Path, name: str = "model") -> Path:
+    """A copy of the tiny model whose model.safetensors lost its last 100 bytes (a copy cut short)."""
+    import shutil
+
+    folder = tmp / name
+    shutil.copytree(tiny_model(), folder)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    return folder
+
+
+def truncated_export(tmp: Path) -> Path:
+    """A previous stage's output whose export is marked COMPLETE but whose actor weights are cut short."""
+    run = tmp / "previous"
+    truncated_model(run / "final", "actor")
+    write(run / "final" / "COMPLETE", "actor\n")
+    return run
+
+
+def truncated_checkpoint(tmp: Path) -> Path:
+    step = tmp / "ckpt" / "checkpoints" / "step_00000002"
+    write(step / "trainer_state.json", json.dumps({"stage": "warmup", "step": 2, "zero_stage": 0}))
+    write(step.parent / "latest", step.name)
+    write(step / "actor" / "mp_rank_00_model_states.pt", b"PK\x03\x04" + b"\x00" * 64, binary=True)
+    return tmp / "ckpt"
+
+
+def nan_checkpoint(tmp: Path) -> Path:
+    """A checkpoint of the tiny model whose first weight holds a NaN."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    step = tmp / "nan" / "checkpoints" / "step_00000001"
+    shutil.copytree(tiny_model(), step / "actor_hf")
+    (step / "actor_hf" / "model.safetensors").unlink()
+    weights = load_file(str(tiny_model() / "model.safetensors"))
+    weights["model.embed_tokens.weight"][0, 0] = float("nan")
+    (step / "actor").mkdir(parents=True)
+    torch.save({"module": weights}, step / "actor" / "mp_rank_00_model_states.pt")
+    write(step / "trainer_state.json", json.dumps({"stage": "seqkd", "step": 1, "zero_stage": 0}))
+    write(step.parent / "latest", step.name)
+    return tmp / "nan"
+
+
+def held_folder(tmp: Path) -> Path:
+    """A folder whose lock another process holds (a run still going)."""
+    folder = tmp / "busy"
+    holder = subprocess.Popen([sys.executable, "-c", "import time; from gadchat.run_lock import FolderLock; "
+                               f"lock = FolderLock({str(folder)!r}, 'the warmup stage').acquire(); "
+                               "print('held', flush=True); time.sleep(600)"],
+                              cwd=REPO, stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    holder.stdout.readline()
+    HELD.append(holder)
+    return folder
+
+
+def full_disk(tmp: Path) -> Path:
+    """An output folder on a 4 KiB tmpfs: the run's lock file fills it (mounting needs root)."""
+    mount = tmp / "small_disk"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4k", "tmpfs", str(mount)], check=True, capture_output=True)
+    MOUNTS.append(mount)
+    return mount / "run"
+
+
+def finished_seqkd_run(tmp: Path) -> Path:
+    """A real finished seqkd run (one step, one rank), to be rerun with other flags."""
+    run = tmp / "done"
+    subprocess.run([sys.executable, str(REPO / STEP["seqkd"]), *train(tmp, "--model.actor_path", tiny_model(),
+                    "--trainer.output_dir", run, "--trainer.max_steps", 1, "--deepspeed.zero_stage", 0)],
+                   cwd=REPO, check=True, capture_output=True)
+    UNCHANGED[tmp] = (run, snapshot(run))
+    return run
+
+
+def snapshot(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def collect(tmp: Path, url: str, *extra) -> list:
@@ -190,6 +290,37 @@ CASES = [
          "field 'content[0].role': unknown role 'robot'"),
     Case("resume_missing", "warmup", "resume from a folder without checkpoint",
          lambda t, u: train(t, "--trainer.resume", t / "nowhere"), "no checkpoint there"),
+    # --- one run per folder, weight files and DeepSpeed JSON before any model loads, full disk (issue 18)
+    Case("folder_busy", "warmup", "a second run into a folder a running run holds",
+         lambda t, u: train(t, "--trainer.output_dir", held_folder(t)), "is in use by the warmup stage (PID"),
+    Case("prefix_flag", "warmup", "an abbreviated flag (--trainer.over for --trainer.overwrite)",
+         lambda t, u: train(t, "--trainer.over", "true"), "unrecognized arguments: --trainer.over true"),
+    Case("truncated_actor", "warmup", "a model.safetensors cut short (--model.actor_path)",
+         lambda t, u: train(t, "--model.actor_path", truncated_model(t)), "/model.safetensors is truncated or corrupt"),
+    Case("truncated_discriminator", "gad", "a discriminator whose model.safetensors is cut short",
+         lambda t, u: train(t, "--model.discriminator_path", truncated_model(t, "disc")),
+         "--model.discriminator_path $TMP/disc: $TMP/disc/model.safetensors is truncated or corrupt"),
+    Case("truncated_init_from", "gad", "a COMPLETE hand-off export whose actor weights are cut short",
+         lambda t, u: train(t, "--trainer.init_from", truncated_export(t)),
+         "--trainer.init_from $TMP/previous: $TMP/previous/final/actor/model.safetensors is truncated or corrupt"),
+    Case("truncated_resume", "warmup", "resume from a checkpoint whose weights file is cut short",
+         lambda t, u: train(t, "--trainer.resume", truncated_checkpoint(t)),
+         "mp_rank_00_model_states.pt is truncated or corrupt"),
+    Case("ds_schema", "warmup", "DeepSpeed JSON with zero_optimization.stage 7",
+         lambda t, u: train(t, "--deepspeed.config_file", write(t / "ds.json", '{"zero_optimization": {"stage": 7}}')),
+         "ds.json: zero_optimization.stage: Input should be 0, 1, 2, 3"),
+    Case("full_disk", "seqkd", "an output folder on a disk that is full (a 4 KiB tmpfs)",
+         lambda t, u: train(t, "--model.actor_path", tiny_model(), "--trainer.output_dir", full_disk(t),
+                            "--trainer.max_steps", 1, "--deepspeed.zero_stage", 0),
+         "No space left on device"),
+    Case("nan_lr", "seqkd", "actor lr 1e12: step 1 finite but huge, step 2 NaN",
+         lambda t, u: train(t, "--model.actor_path", tiny_model(), "--actor.lr", "1e12", "--trainer.max_steps", 3,
+                            "--trainer.save_every", 1, "--deepspeed.zero_stage", 0),
+         "the last good checkpoint is none", code=3),
+    Case("finished_other_flags", "seqkd", "a finished run rerun with other flags (--actor.lr 0.5)",
+         lambda t, u: train(t, "--model.actor_path", tiny_model(), "--trainer.output_dir", finished_seqkd_run(t),
+                            "--trainer.max_steps", 1, "--deepspeed.zero_stage", 0, "--actor.lr", 0.5),
+         "--actor.lr 0.001 -> 0.5", code=0, marker="were not applied"),
     # --- teacher collection
     Case("collect_retries", "collect", "--max-retries -1", lambda t, u: collect(t, u, "--max-retries", -1),
          "argument --max-retries: must be >= 0"),
@@ -224,6 +355,11 @@ CASES = [
     Case("export_malicious", "export", "a crafted checkpoint whose unpickling runs a shell command",
          lambda t, u: ["--checkpoint", str(malicious_checkpoint(t)), "--out", str(t / "out")],
          "refused to load: it holds the Python object posix.system"),
+    Case("export_nan", "export", "a checkpoint whose weights hold a NaN",
+         lambda t, u: ["--checkpoint", str(nan_checkpoint(t)), "--out", str(t / "out")],
+         "refused to export non-finite weights: model.embed_tokens.weight holds 1 NaN/Inf"),
+    Case("export_busy", "export", "an export into a folder a running run holds",
+         lambda t, u: ["--checkpoint", str(nan_checkpoint(t)), "--out", str(held_folder(t))], "is in use by"),
 ]
 
 
@@ -235,11 +371,11 @@ def command(tool: str) -> list:
     return [sys.executable, "-m", module]
 
 
-def error_line(stderr: str) -> str:
+def error_line(stderr: str, marker: str = "error:") -> str:
     lines = [line.strip() for line in stderr.splitlines() if line.strip()]
     for line in reversed(lines):
-        if "error:" in line:
-            return line[line.index("error:"):]
+        if marker in line:
+            return line[line.index("error:"):] if marker == "error:" else line.split(": ", 1)[-1]
     return lines[-1] if lines else ""
 
 
@@ -271,14 +407,25 @@ def run_case(case: Case, tmp: Path, url: str) -> dict:
                PYTHONUNBUFFERED="1")
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         env.pop(name, None)
-    args = case.args(folder, url)
-    started = time.perf_counter()
-    result = subprocess.run(command(case.tool) + [str(a) for a in args], cwd=REPO, env=env, capture_output=True,
-                            text=True, timeout=600)
-    message = error_line(result.stderr).replace(str(folder), "$TMP")
+    try:
+        args = case.args(folder, url)
+        started = time.perf_counter()
+        result = subprocess.run(command(case.tool) + [str(a) for a in args], cwd=REPO, env=env, capture_output=True,
+                                text=True, timeout=600)
+    finally:
+        while HELD:
+            HELD.pop().kill()
+        while MOUNTS:
+            subprocess.run(["umount", str(MOUNTS.pop())], check=False)
+    message = error_line(result.stderr, case.marker).replace(str(folder), "$TMP")
     ok = result.returncode == case.code and case.expect in message and KEY not in result.stdout + result.stderr
     if case.id == "export_malicious":
         ok = ok and not (folder / "PWNED").exists()
+    if folder in UNCHANGED:  # the folder must be byte-identical
+        path, before = UNCHANGED.pop(folder)
+        ok = ok and snapshot(path) == before
+    if case.id in BEFORE_MODELS and "engine ready" in result.stderr:
+        ok = False  # these must be refused before any model loads
     return {"case": case, "code": result.returncode, "message": message, "ok": ok,
             "seconds": time.perf_counter() - started, "stderr": result.stderr}
 
@@ -288,8 +435,10 @@ def markdown(results: list) -> str:
              "Generated by `python scripts/bad_inputs.py` (do not edit by hand): each row is a real invocation of a",
              "stage's `main.py`, `applications.collect_teacher_data`, `applications.evaluate` or `inference.export`",
              "with one bad input, the exit status it gave and the error line it printed (`$TMP` = the case's",
-             "scratch folder). Configuration errors exit 2 before any engine is built; a judge that answers",
-             "nothing exits 1. `tests/test_bad_inputs.py` runs a fast subset.", "",
+             "scratch folder). Configuration errors exit 2 before any engine is built (weight files, the",
+             "DeepSpeed JSON and a held output folder included); a full disk exits 2 with no partial file; a",
+             "diverged run exits 3; a judge that answers nothing exits 1; a finished run rerun with other flags",
+             "exits 0, byte-identical, naming the flags it did not apply. `tests/test_bad_inputs.py` runs a fast subset.", "",
              "| # | tool | bad input | exit | message |", "|---|---|---|---|---|"]
     for number, r in enumerate(results, start=1):
         case = r["case"]
