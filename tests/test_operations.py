@@ -177,7 +177,7 @@ def test_nan_guard_names_only_a_verified_checkpoint_and_export_refuses_nan_weigh
     # A checkpoint whose weights hold NaN: the offline export refuses it, naming the tensor.
     path = step_dir / "actor" / "mp_rank_00_model_states.pt"
     saved = torch.load(path, weights_only=False)
-    name = sorted(saved["module"])[0]
+    name = "model.norm.weight"
     saved["module"][name][0] = float("nan")
     torch.save(saved, path)
     export = subprocess.run([sys.executable, "-m", "inference.export", "--checkpoint", str(out), "--out",
