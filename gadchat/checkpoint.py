@@ -427,7 +427,7 @@ def _fault_injection_point(name: str, step: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def test_pause() -> None:
+def pause_for_tests() -> None:
     """For stop and lock tests: ``GADCHAT_TEST_STEP_PAUSE=seconds`` sleeps at every step boundary
     (the run takes longer, its numbers do not change)."""
     seconds = float(os.environ.get("GADCHAT_TEST_STEP_PAUSE", "0") or 0)

@@ -50,11 +50,15 @@ class FolderLock:
             if same:
                 break
             handle.close()
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"{self.what} (PID {os.getpid()} on host {socket.gethostname()})\n")
-        handle.flush()
         self.handle = handle
+        try:
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"{self.what} (PID {os.getpid()} on host {socket.gethostname()})\n")
+            handle.flush()
+        except OSError:  # a full disk: nothing of ours is left behind
+            self.release()
+            raise
         return self
 
     def release(self) -> None:

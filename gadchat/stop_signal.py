@@ -2,6 +2,7 @@
 ``kill`` or Ctrl-C) is noted, not acted on mid-step, and the ranks stop together at the next step
 boundary. A rank started by the ``deepspeed`` launcher also watches the launcher: ``kill <pid>`` of
 the launcher (which does not pass SIGTERM on to the ranks itself) counts as a stop request.
+A second Ctrl-C stops at once (KeyboardInterrupt); a repeated SIGTERM changes nothing.
 """
 
 from __future__ import annotations
@@ -62,6 +63,10 @@ class StopWatch:
             signal.signal(signum, self._note)
 
     def _note(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.signum == signal.SIGINT:
+            raise KeyboardInterrupt  # Ctrl-C twice: stop now, without waiting for the step to end
+        # A repeated SIGTERM (a scheduler signals every process, and DeepSpeed's launcher passes it
+        # on once more) changes nothing: the step still ends and the checkpoint is still written.
         self.signum = self.signum or signum
 
     def requested_here(self) -> int:

@@ -62,6 +62,8 @@ class StageTrainer:
                 lock = FolderLock(self.output_dir, f"the {self.cfg.trainer.stage} stage").acquire()
             except FolderBusyError as exc:
                 error = exc
+            except OSError as exc:
+                error = disk_error(self.output_dir, "the lock file", exc)
         runtime.raise_together(error, FolderBusyError)
         return lock
 
@@ -142,7 +144,7 @@ class StageTrainer:
         self.guard.start(self.start_step)
         last = {}
         for step in range(self.start_step, self.total_steps):
-            checkpoint.test_pause()
+            checkpoint.pause_for_tests()
             self._stop_if_asked(step)
             started = time.perf_counter()
             batch = [self.examples[i] for i in self.schedule.rank_indices(step)]
