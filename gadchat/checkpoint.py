@@ -3,18 +3,21 @@
 
 Layout of a stage's ``output_dir``::
 
+    .gadchat.lock                      held by the running stage (gadchat.run_lock); gone once it ends
     config.json  metrics.jsonl  tensorboard/
     checkpoints/latest                 -> name of the newest complete checkpoint (written last, atomically)
     checkpoints/step_00000040/
         actor/  discriminator/                DeepSpeed engine checkpoints (weights, optimizer, ZeRO shards)
         actor_hf/  discriminator_hf/          config + tokenizer, so the folder exports offline on its own
         rng_rank{r}.pt                 Python / NumPy / torch RNG states of every rank
-        trainer_state.json             stage, step, data geometry, model signature (written last)
+        trainer_state.json             stage, step, data geometry, model signature, health (written last)
     final/actor/  final/discriminator/        Hugging Face folders (safetensors, tokenizer, chat template)
     final/COMPLETE                     written last: the export is whole
 
 A checkpoint is complete only once ``latest`` names it, so a kill while one is written leaves the
-previous one in force. Only the newest ``trainer.keep_last`` are kept. The final export is written
+previous one in force. Its ``health`` records whether every trained weight was finite when it was
+saved (counted), whether its step's metrics were, and the spikes just before it: the non-finite
+guard only calls a checkpoint good on that record (:func:`last_good_checkpoint`). Only the newest ``trainer.keep_last`` are kept. The final export is written
 to ``final.partial/`` and renamed to ``final/`` once ``COMPLETE`` is in it, so a ``final/`` folder
 is never torn.
 
