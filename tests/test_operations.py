@@ -260,3 +260,47 @@ def test_a_full_disk_ends_every_rank_with_one_line_and_no_partial_file(tiny_mode
     assert len(errors) == 2 and "No space left on device" in errors[0] and "is the disk full?" in errors[0], text[-4000:]
     assert "Connection closed by peer" not in text and "Traceback" not in text
     assert sorted(p.name for p in out.iterdir()) == []  # no config.json, no temporary file, the lock released
+
+
+def test_abbreviated_flags_are_refused(capsys):
+    from gadchat.config import load_config
+
+    with pytest.raises(SystemExit) as stopped:
+        load_config(["--trainer.over", "true", "--trainer.res", "none"], stage="warmup")
+    assert stopped.value.code == 2
+    assert "unrecognized arguments: --trainer.over true --trainer.res none" in capsys.readouterr().err
+
+
+def test_the_deepspeed_json_is_checked_with_deepspeeds_schema(tmp_path):
+    from gadchat.config import GADConfig
+
+    cfg = GADConfig()
+    cfg.trainer.output_dir = str(tmp_path / "run")
+    cfg.deepspeed.config_file = str(tmp_path / "ds.json")
+    Path(cfg.deepspeed.config_file).write_text('{"zero_optimization": {"stage": 7}}')
+    with pytest.raises(ValueError, match=r"--deepspeed.config_file .*ds.json: zero_optimization.stage: Input should be "
+                                         r"0, 1, 2, 3 .*\(got 7"):
+        cfg.check_paths()
+    Path(cfg.deepspeed.config_file).write_text('{"zero_optimization": {"stage": 2}, "bf16": {"enabled": false}}')
+    cfg.check_paths()
+
+
+def test_truncated_weight_files_are_named_with_their_flag(tiny_model, tmp_path):
+    import shutil
+
+    from gadchat.checkpoint import CheckpointError, check_files_before_loading
+    from gadchat.config import GADConfig
+
+    previous = tmp_path / "previous"
+    actor = previous / "final" / "actor"
+    shutil.copytree(tiny_model, actor)
+    (previous / "final" / "COMPLETE").write_text("actor\n")
+    weights = actor / "model.safetensors"
+    cfg = GADConfig()
+    cfg.trainer.output_dir, cfg.trainer.init_from = str(tmp_path / "run"), str(previous)
+    check_files_before_loading(cfg, {"actor": str(actor)}, {"actor": str(actor)})  # whole: accepted
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match=rf"^--trainer.init_from {previous}: {weights} is truncated or corrupt"):
+        check_files_before_loading(cfg, {"actor": str(actor)}, {"actor": str(actor)})
+    with pytest.raises(CheckpointError, match=rf"^--model.discriminator_path {actor}: {weights} is truncated"):
+        check_files_before_loading(cfg, {"discriminator": str(actor)}, {})
