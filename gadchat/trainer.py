@@ -142,6 +142,7 @@ class StageTrainer:
         if t.log_param_digest and self.start_step == 0:
             self.metrics.log(0, self.param_digests(), advance=False)
         self.guard.start(self.start_step)
+        self.saved = (None, None)  # (step, folder) of the last checkpoint this run wrote
         last = {}
         for step in range(self.start_step, self.total_steps):
             checkpoint.pause_for_tests()
@@ -182,7 +183,8 @@ class StageTrainer:
         return last
 
     def save(self, step: int):
-        return self.checkpoints.save(step, self.guard.checkpoint_health(step))
+        self.saved = (step, self.checkpoints.save(step, self.guard.checkpoint_health(step)))
+        return self.saved[1]
 
     def _open_run_files(self) -> None:
         t = self.cfg.trainer
@@ -232,7 +234,9 @@ class StageTrainer:
 
         name = signal.Signals(signum).name
         saved = ""
-        if self.cfg.trainer.save_on_signal and step > self.start_step:
+        if self.saved[0] == step:  # a save_every checkpoint was just written at this step
+            saved = f"; saved {self.saved[1]}"
+        elif self.cfg.trainer.save_on_signal and step > self.start_step:
             saved = f"; saved {self.save(step)}"
         elif step > 0 and checkpoint.latest_checkpoint(self.output_dir) is not None:
             saved = f"; the latest checkpoint is {checkpoint.latest_checkpoint(self.output_dir)}"

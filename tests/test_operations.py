@@ -2,8 +2,9 @@
 is refused naming the holder, writing nothing), SIGTERM to the launcher stops every rank at a step
 boundary with a checkpoint and the resume is exact, the NaN guard names only a checkpoint it
 verified, a full disk ends every rank with one line and no partial file, and a real multi-node
-launch (two launchers, --no_ssh, node ranks 0 and 1) trains, checkpoints, exports and leaves a
-finished run byte-identical. Real DeepSpeed under its launcher, the tiny student, the seqkd stage
+launch (two launchers, --no_ssh, node ranks 0 and 1) stops on a signal to either launcher, resumes,
+checkpoints, exports and leaves a finished run byte-identical; the single-node run, stopped at
+another step and resumed, ends exactly as the two-node one (both resumes exact). Real DeepSpeed under its launcher, the tiny student, the seqkd stage
 (the cheapest step)."""
 
 from __future__ import annotations
@@ -41,20 +42,49 @@ def snapshot(folder: Path) -> dict:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def run_two_nodes(args: list, folder: Path, timeout: int = 600) -> list:
+def start_two_nodes(args: list, folder: Path, **env_extra) -> list:
     """The multi-node step script, started twice on this machine as two nodes of one rank each
     (HOSTFILE with two hosts, NODE_RANK 0 and 1: no ssh), master on 127.0.0.1."""
     hostfile = folder / "hostfile"
     hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
-    env = subprocess_env()
-    env.update(HOSTFILE=str(hostfile), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    nodes = [subprocess.Popen(["bash", str(MULTI_NODE), *args], cwd=REPO, env=dict(env, NODE_RANK=str(rank)),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+    env = dict(subprocess_env(), HOSTFILE=str(hostfile), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
+               **env_extra)
+    return [subprocess.Popen(["bash", str(MULTI_NODE), *args], cwd=REPO, env=dict(env, NODE_RANK=str(rank)),
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+            for rank in (0, 1)]
+
+
+def finish(nodes: list, timeout: int = 600) -> list:
+    """``[(exit status, output)]`` of each node's launcher."""
     results = []
     for node in nodes:
-        out, _ = node.communicate(timeout=timeout)
+        try:
+            out, _ = node.communicate(timeout=timeout)
+        finally:
+            if node.poll() is None:
+                os.killpg(node.pid, signal.SIGKILL)
         results.append((node.returncode, out))
     return results
+
+
+def run_two_nodes(args: list, folder: Path) -> list:
+    return finish(start_two_nodes(args, folder))
+
+
+def wait_for_rows(out: Path, rows: int, processes: list, deadline: float) -> int:
+    """Wait until ``out/metrics.jsonl`` holds ``rows`` steps (while every process runs); the count."""
+    while not (out / "metrics.jsonl").exists() or len(read_metrics(out)) < rows:
+        assert all(p.poll() is None for p in processes) and time.time() < deadline, "the run ended or stalled"
+        time.sleep(0.05)
+    return len(read_metrics(out))
+
+
+def stop_lines(text: str) -> list:
+    return [line for line in text.splitlines() if line.startswith("stopped: stopped by SIGTERM at step")]
+
+
+def stop_step(line: str) -> int:
+    return int(line.split("at step ")[1].split("/")[0])
 
 
 def processes_writing(out: Path) -> list:
@@ -70,17 +100,31 @@ def processes_writing(out: Path) -> list:
 
 @pytest.fixture(scope="module")
 def two_node_run(tiny_model, tmp_path_factory):
+    """Two launchers, one rank each: SIGTERM to the second node's launcher stops both ranks at a
+    step boundary (the first node learns it from the step's collective), then both resume to the end."""
     folder = tmp_path_factory.mktemp("two_nodes")
     out = folder / "run"
-    results = run_two_nodes(seqkd_args(tiny_model, out), folder)
-    for code, text in results:
-        assert code == 0, text[-6000:]
-    return out, folder
+    nodes = start_two_nodes(seqkd_args(tiny_model, out), folder, GADCHAT_TEST_STEP_PAUSE="1")
+    try:
+        logged = wait_for_rows(out, 2, nodes, time.time() + 300)
+        os.kill(nodes[1].pid, signal.SIGTERM)
+    finally:
+        stopped = finish(nodes)
+    resumed = run_two_nodes(seqkd_args(tiny_model, out), folder)
+    return out, folder, logged, stopped, resumed
 
 
 @pytest.mark.slow
-def test_two_launchers_train_checkpoint_export_and_leave_a_finished_run_alone(tiny_model, two_node_run):
-    out, folder = two_node_run
+def test_two_launchers_stop_resume_checkpoint_export_and_leave_a_finished_run_alone(tiny_model, two_node_run):
+    out, folder, logged, stopped, resumed = two_node_run
+    assert [code for code, _ in stopped] == [143, 143], "\n".join(text[-3000:] for _, text in stopped)
+    lines = stop_lines(stopped[0][1]) + stop_lines(stopped[1][1])
+    assert len(lines) == 2 and lines[0] == lines[1]  # rank 0 on node 0, rank 1 on node 1: the same step
+    stopped_at = stop_step(lines[0])
+    assert logged <= stopped_at <= logged + 2 and f"saved {out / 'checkpoints' / f'step_{stopped_at:08d}'}" in lines[0]
+    for code, text in resumed:
+        assert code == 0, text[-6000:]
+    assert f"at step {stopped_at}/{STEPS}" in resumed[0][1]
     assert [r["step"] for r in read_metrics(out)] == list(range(1, STEPS + 1))
     for step in (6, 12):
         state = json.loads((out / "checkpoints" / f"step_{step:08d}" / "trainer_state.json").read_text())
@@ -130,11 +174,10 @@ def test_second_run_refused_and_sigterm_to_the_launcher_stops_every_rank_and_res
         assert (out / ".gadchat.lock").read_text().strip() == holder
         assert (out / "config.json").stat().st_mtime_ns == config_before
         assert {p.name for p in out.iterdir()} <= {".gadchat.lock", "config.json", "metrics.jsonl", "checkpoints"}
-        # 2. SIGTERM to the launcher, as a scheduler sends it
-        while not (out / "metrics.jsonl").exists() or len(read_metrics(out)) < 2:
-            assert first.poll() is None and time.time() < deadline, log.read_text()[-4000:]
-            time.sleep(0.05)
-        logged = len(read_metrics(out))
+        # 2. SIGTERM to the launcher, as a scheduler sends it (later than in the two-node run, so the
+        # two runs resume from different steps and their equality says both resumes are exact)
+        _, _, two_node_logged, _, _ = two_node_run
+        logged = wait_for_rows(out, two_node_logged + 4, [first], deadline)
         os.kill(first.pid, signal.SIGTERM)
         code = first.wait(timeout=120)
     finally:
@@ -142,19 +185,19 @@ def test_second_run_refused_and_sigterm_to_the_launcher_stops_every_rank_and_res
             os.killpg(first.pid, signal.SIGKILL)
     text = log.read_text()
     assert code == 143, text[-4000:]
-    lines = [line for line in text.splitlines() if line.startswith("stopped: stopped by SIGTERM at step")]
+    lines = stop_lines(text)
     assert len(lines) == 2 and lines[0] == lines[1], text[-4000:]  # both ranks, the same step
-    stop_step = int(lines[0].split("at step ")[1].split("/")[0])
-    assert logged <= stop_step <= logged + 2  # the step under way when the signal came, or the next
-    assert f"saved {out / 'checkpoints' / f'step_{stop_step:08d}'}" in lines[0] and "rerun the same command" in lines[0]
-    assert (out / "checkpoints" / "latest").read_text().strip() == f"step_{stop_step:08d}"
+    stopped_at = stop_step(lines[0])
+    assert logged <= stopped_at <= logged + 2  # the step under way when the signal came, or the next
+    assert f"saved {out / 'checkpoints' / f'step_{stopped_at:08d}'}" in lines[0] and "rerun the same command" in lines[0]
+    assert (out / "checkpoints" / "latest").read_text().strip() == f"step_{stopped_at:08d}"
     assert processes_writing(out) == [] and not (out / "final").exists()
     # 3. the resume through the same launcher ends exactly where the uninterrupted run did
     resumed = subprocess.run(["bash", str(SINGLE_NODE), *args], cwd=REPO, env=dict(subprocess_env(), NUM_PROCS="2"),
                              capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    assert f"at step {stop_step}/{STEPS}" in resumed.stdout + resumed.stderr
-    reference, _ = two_node_run
+    assert f"at step {stopped_at}/{STEPS}" in resumed.stdout + resumed.stderr
+    reference = two_node_run[0]
     assert comparable(read_metrics(out)) == comparable(read_metrics(reference))
     assert all(torch.equal(a, b) for a, b in zip(load_weights(out / "final" / "actor").values(),
                                                   load_weights(reference / "final" / "actor").values()))
