@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -349,6 +350,8 @@ CASES = [
          lambda t, u: evaluate(t, u, "--judge-base-url", u + "/down", "--judge-max-retries", 0), "the judge answered none", 1),
     Case("eval_judge_401", "evaluate", "a judge that refuses the key",
          lambda t, u: evaluate(t, u, "--judge-base-url", u + "/reject"), "refused the API key (HTTP 401"),
+    Case("eval_busy", "evaluate", "an evaluation into a folder a running run holds",
+         lambda t, u: evaluate(t, u)[:-3] + ["--output-dir", str(held_folder(t)), "--no-progress"], "is in use by"),
     # --- export
     Case("export_missing", "export", "a folder without checkpoint",
          lambda t, u: ["--checkpoint", str(t / "none"), "--out", str(t / "out")], "no checkpoint found"),
@@ -418,6 +421,7 @@ def run_case(case: Case, tmp: Path, url: str) -> dict:
         while MOUNTS:
             subprocess.run(["umount", str(MOUNTS.pop())], check=False)
     message = error_line(result.stderr, case.marker).replace(str(folder), "$TMP")
+    message = re.sub(r"\(PID \d+ on host [^)]+\)", "(PID $PID on host $HOST)", message)  # the table stays stable
     ok = result.returncode == case.code and case.expect in message and KEY not in result.stdout + result.stderr
     if case.id == "export_malicious":
         ok = ok and not (folder / "PWNED").exists()
