@@ -39,11 +39,18 @@ from types import SimpleNamespace
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "configs" / "known_teacher.yaml"
-ARMS = ("start", "seqkd", "warmup", "gad", "gad_frozen", "opd")
+ARMS = ("start", "seqkd", "warmup", "gad", "gad_frozen", "opd", "gad_lr", "spin")
+# The main comparison (--protocol best): every arm continues from SeqKD's best checkpoint (chosen per seed
+# by the forward NLL of a validation part of the training data, never the test prompts) for the same
+# number of actor steps; seqkd_more is more SFT from there, opd the white-box bound from there.
+BEST_ARMS = ("seqkd_best", "seqkd_more", "gad", "gad_lr", "spin", "opd")
+VALIDATION_SPLIT = 0.1  # --protocol best: the share of the training prompts held out to pick SeqKD's best step
 # The search on this set-up (benchmarks/RESULTS.md): the recipe's actor lr (1e-3, tuned for SFT of the
 # tiny student) makes the policy outrun the discriminator in the GAD stage and collapse; 2e-5 was stable.
 DEFAULT_GAD_FLAGS = "--actor.lr 2e-5"
 DEFAULT_OPD_FLAGS = "--actor.lr 1e-3"  # the recipe's SFT lr; 1e-4 left OPD level with SeqKD (RESULTS.md)
+DEFAULT_GAD_LR_FLAGS = "--actor.lr 1e-3 --discriminator.lr 1e-3 --actor.grad_clip 1.0 --discriminator.grad_clip 1.0"
+DEFAULT_SPIN_FLAGS = "--actor.lr 1e-4 --actor.grad_clip 1.0"
 TEACHER_MAX_NEW_TOKENS = 128  # the teacher data's cap; the recipe's rollouts use the same
 METRICS = [  # (key, label, lower is better)
     ("reverse_kl", "reverse KL / token", True),
@@ -54,9 +61,11 @@ METRICS = [  # (key, label, lower is better)
     ("eos_share", "ends in EOS", None),
     ("distinct_2", "distinct-2", None),
     ("rouge_l", "ROUGE-L (greedy)", False),
+    ("actor_updates", "actor updates", None),
+    ("model_updates", "model updates (actor + discriminator)", None),
 ]
-CURVES = ["reward/mean", "discriminator/d_acc", "response_length/mean", "actor/kl", "diag/reward_vs_log_ratio",
-          "diag/reward_vs_teacher_logp", "diag/reward_vs_length", "diag/reverse_kl"]
+CURVES = ["reward/mean", "discriminator/d_acc", "response_length/mean", "diag/token_reward_pearson",
+          "diag/reward_vs_log_ratio", "diag/reward_vs_length", "diag/teacher_nll", "diag/reverse_kl"]
 
 
 def log(text: str) -> None:
@@ -87,6 +96,8 @@ def prepare(backend: str) -> dict:
 
 def stage_plan(arm: str, args) -> list:
     """``(stage, run folder name, init_from run name or None, extra flags)`` for one arm."""
+    if args.protocol == "best":
+        return best_stage_plan(arm, args)
     warm_actor_steps = args.warmup_steps - args.discriminator_warmup
     warmup = ("warmup", "warmup", None, ["--trainer.max_steps", args.warmup_steps,
                                          "--trainer.discriminator_warmup", args.discriminator_warmup])
@@ -103,7 +114,63 @@ def stage_plan(arm: str, args) -> list:
     if arm == "opd":  # the same actor steps as SeqKD, from the start
         return [("opd", "opd" + suffix, None, ["--trainer.max_steps", warm_actor_steps + args.gad_steps,
                                                *shlex.split(args.opd_flags)])]
+    if arm in ("gad_lr", "spin"):  # the same actor steps as SeqKD, from the start
+        return [(arm, arm + suffix, None, ["--trainer.max_steps", warm_actor_steps + args.gad_steps,
+                                           *shlex.split(arm_flags(arm, args))])]
     raise ValueError(arm)
+
+
+def arm_flags(arm: str, args) -> str:
+    return {"gad": args.gad_flags, "opd": args.opd_flags, "gad_lr": args.gad_lr_flags, "spin": args.spin_flags}.get(arm, "")
+
+
+def best_stage_plan(arm: str, args) -> list:
+    """The main comparison's plans: each arm continues ``--continue-steps`` actor steps from the run
+    ``seqkd_best`` (:func:`best_seqkd`). Published GAD gets ``--discriminator-warmup`` more steps in
+    which only its fresh discriminator trains (the paper starts GAD from a warm-up that trained it)."""
+    suffix = f"_{args.variant}" if args.variant else ""
+    steps = args.continue_steps
+    if arm == "seqkd_best":
+        return []
+    if arm == "seqkd_more":
+        return [("seqkd", "seqkd_more", "seqkd_best", ["--trainer.max_steps", steps])]
+    if arm == "gad":
+        return [("gad", "gad" + suffix, "seqkd_best", ["--trainer.max_steps", steps + args.discriminator_warmup,
+                                                       "--trainer.discriminator_warmup", args.discriminator_warmup,
+                                                       *shlex.split(args.gad_flags)])]
+    if arm in ("gad_lr", "spin", "opd"):
+        return [(arm, arm + suffix, "seqkd_best", ["--trainer.max_steps", steps, *shlex.split(arm_flags(arm, args))])]
+    raise ValueError(f"--protocol best has no arm {arm!r} (arms: {', '.join(BEST_ARMS)})")
+
+
+def best_seqkd(root: Path, paths: dict, args, common: list, extra: list) -> tuple:
+    """SeqKD's learning curve and its best checkpoint, for ``--protocol best``: a SeqKD run of
+    ``--curve-steps`` steps that saves and logs the validation forward NLL every ``--curve-every``
+    steps, and the checkpoint where that NLL is lowest exported as ``root/seqkd_best`` (a folder a
+    next stage's ``--trainer.init_from`` takes). Returns the curve's run folder, ``seqkd_best`` and
+    its wall time; both are reused when already there."""
+    from applications.run_pipeline import run_stage
+    from gadchat.checkpoint_files import best_checkpoint
+
+    curve, best = root / "seqkd_curve" / "run", root / "seqkd_best"
+    launcher = SimpleNamespace(model=paths["student"], deployment="cpu", num_procs=args.num_procs)
+    wall = 0.0
+    if not (curve / "final" / "COMPLETE").exists():
+        flags = ["--trainer.max_steps", args.curve_steps, "--trainer.eval_every", args.curve_every,
+                 "--trainer.save_every", args.curve_every, "--trainer.keep_last", 10_000,
+                 "--trainer.eval_prompts", 10_000, "--trainer.overwrite", "true"]
+        wall = run_stage("seqkd", launcher, curve, None, [str(v) for v in common + flags + extra])
+    step_dir, step, value = best_checkpoint(curve, "eval/forward_nll")
+    marker = best / "best_step.json"
+    if not (marker.exists() and json.loads(marker.read_text()).get("step") == step):
+        import subprocess
+
+        subprocess.run([sys.executable, "-m", "inference.export", "--checkpoint", str(curve), "--best-by",
+                        "eval/forward_nll", "--out", str(best), "--as-init-from", "--which", "actor"],
+                       cwd=REPO, check=True, capture_output=True, text=True)
+        marker.write_text(json.dumps({"step": step, "eval/forward_nll": value, "checkpoint": str(step_dir)}))
+    log(f"[known-teacher] SeqKD's best checkpoint: step {step} (validation forward NLL {value:.4f}) -> {best}")
+    return curve, best, wall
 
 
 def train_seed(seed: int, arms: list, paths: dict, args, extra: list) -> dict:
@@ -113,13 +180,17 @@ def train_seed(seed: int, arms: list, paths: dict, args, extra: list) -> dict:
     root = Path(args.output_dir).resolve() / f"seed{seed}"
     runs, wall = {}, {}
     launcher = SimpleNamespace(model=paths["student"], deployment="cpu", num_procs=args.num_procs)
+    base = ["--config", RECIPE, "--data.train_files", paths["train"], "--data.eval_files", paths["test"],
+            "--trainer.seed", seed, "--trainer.tensorboard", "true"]
+    if args.protocol == "best":  # a validation part of the training prompts, never trained on by any arm
+        base += ["--data.eval_split", VALIDATION_SPLIT]
+        runs["seqkd_curve"], runs["seqkd_best"], wall["seqkd_curve"] = best_seqkd(root, paths, args, base, extra)
     for arm in arms:
         for stage, name, init_name, flags in stage_plan(arm, args):
             if name in runs:
                 continue
             output = root / name / "run"
-            common = ["--config", RECIPE, "--data.train_files", paths["train"], "--data.eval_files", paths["test"],
-                      "--trainer.seed", seed, "--trainer.tensorboard", "true"]
+            common = list(base)
             if stage == "opd" or (stage != "seqkd" and not args.no_diagnostics):  # opd trains on the teacher
                 common += ["--model.teacher_path", paths["teacher"]]
             init = runs[init_name] if init_name else None
@@ -178,9 +249,46 @@ def table(summary: dict, arms: list, teacher_self: dict | None) -> str:
     return "\n".join(lines)
 
 
+def work_counts(run: Path) -> dict:
+    """``{"actor": n, "discriminator": n}``: the optimizer steps each model of a run took, read from
+    its logged steps (an actor step where ``actor/updated`` is not 0; ``discriminator.updates_per_step``
+    discriminator steps per step of a stage that trains one)."""
+    rows = [r for r in read_metrics(run) if r.get("step", 0) > 0]
+    config = json.loads((Path(run) / "config.json").read_text()) if (Path(run) / "config.json").exists() else {}
+    per_step = config.get("discriminator", {}).get("updates_per_step", 1)
+    return {"actor": sum(1 for r in rows if r.get("actor/updated", 1.0) != 0.0),
+            "discriminator": sum(per_step for r in rows if "discriminator/grad_norm" in r)}
+
+
+def best_goal_checks(summary: dict) -> list:
+    """The main comparison's goal (--protocol best), per black-box arm against SeqKD's best
+    checkpoint: reverse KL and teacher NLL lower by more than twice the larger seed spread, forward
+    NLL at most 5% above; the stretch: half of the way from the best SeqKD to opd from it."""
+    checks = []
+    if "seqkd_best" not in summary:
+        return checks
+    base = summary["seqkd_best"]
+    for arm in ("seqkd_more", "gad", "gad_lr", "spin"):
+        if arm not in summary:
+            continue
+        for key in ("reverse_kl", "teacher_nll"):
+            (a, a_std, _), (b, b_std, _) = summary[arm][key], base[key]
+            margin = 2 * max(a_std, b_std)
+            checks.append((f"{arm} {key} {a:.3f} below the best SeqKD's {b:.3f} by more than twice the larger "
+                           f"spread ({margin:.3f})", b - a > margin))
+        a, b = summary[arm]["forward_nll"][0], base["forward_nll"][0]
+        checks.append((f"{arm} forward NLL {a:.3f} no more than 5% above the best SeqKD's {b:.3f}", a <= 1.05 * b))
+        if "opd" in summary:
+            o, a, b = summary["opd"]["reverse_kl"][0], summary[arm]["reverse_kl"][0], base["reverse_kl"][0]
+            share = (b - a) / (b - o) if b != o else float("nan")
+            checks.append((f"stretch: {arm} covers {share:.0%} of the way from the best SeqKD ({b:.3f}) to opd from "
+                           f"it ({o:.3f}) in reverse KL (half needed)", share >= 0.5))
+    return checks
+
+
 def goal_checks(summary: dict) -> list:
     """The issue's goal, each as (statement, met) from the means and the seed spread."""
-    checks = []
+    checks = best_goal_checks(summary)
     def have(*arms):
         return all(a in summary for a in arms)
     if have("gad", "seqkd"):
@@ -204,6 +312,15 @@ def goal_checks(summary: dict) -> list:
     return checks
 
 
+def curve_run_of(run_name: str) -> str:
+    """The stage family of a run folder name (``gad``, ``gad_frozen``, ``gad_lr``, ``spin`` with an
+    optional ``_VARIANT``), or ``""``."""
+    for family in ("gad_frozen", "gad_lr", "spin", "gad"):  # longest prefix first
+        if run_name == family or run_name.startswith(family + "_"):
+            return family
+    return ""
+
+
 def plot(summary: dict, arms: list, per_seed_runs: dict, out_dir: Path) -> list:
     import matplotlib
 
@@ -215,7 +332,7 @@ def plot(summary: dict, arms: list, per_seed_runs: dict, out_dir: Path) -> list:
     for ax, (key, label, lower) in zip(axes.flat, METRICS):
         means = [summary[a][key][0] for a in arms]
         stds = [summary[a][key][1] for a in arms]
-        ax.bar(arms, means, yerr=stds, capsize=4, color=["#999", "#4a7", "#48c", "#c54", "#c9a"][: len(arms)])
+        ax.bar(arms, means, yerr=stds, capsize=4, color=[plt.cm.tab10(i % 10) for i in range(len(arms))])
         for i, arm in enumerate(arms):
             ax.scatter([i] * len(summary[arm][key][2]), summary[arm][key][2], color="k", s=8, zorder=3)
         ax.set_title(label + ("" if lower is None else " (lower is better)" if lower else " (higher is better)"), fontsize=9)
@@ -230,9 +347,8 @@ def plot(summary: dict, arms: list, per_seed_runs: dict, out_dir: Path) -> list:
     fig, axes = plt.subplots(2, 4, figsize=(16, 7))
     for ax, key in zip(axes.flat, CURVES):
         for seed, runs in per_seed_runs.items():
-            for name, style in (("gad", "-"), ("gad_frozen", ":")):
-                run = next((path for run_name, path in runs.items() if run_name.startswith(name)
-                            and ("frozen" in run_name) == ("frozen" in name)), None)
+            for name, style in (("gad", "-"), ("gad_frozen", ":"), ("gad_lr", "--"), ("spin", "-.")):
+                run = next((path for run_name, path in runs.items() if curve_run_of(run_name) == name), None)
                 rows = [r for r in read_metrics(run) if key in r] if run else []
                 if rows:
                     ax.plot([r["step"] for r in rows], [r[key] for r in rows], style, label=f"{name} s{seed}")
@@ -241,7 +357,8 @@ def plot(summary: dict, arms: list, per_seed_runs: dict, out_dir: Path) -> list:
     handles, labels = axes.flat[0].get_legend_handles_labels()
     if handles:
         fig.legend(handles, labels, loc="lower center", ncol=min(6, len(labels)), fontsize=8)
-    fig.suptitle("GAD stage per step (solid: GAD, dotted: frozen discriminator)")
+    fig.suptitle("Adversarial stages per step (solid: GAD, dotted: frozen discriminator, dashed: gad_lr, "
+                 "dash-dot: spin)")
     fig.tight_layout(rect=(0, 0.05, 1, 0.95))
     path = out_dir / "gad_curves.png"
     fig.savefig(path, dpi=90)
@@ -308,6 +425,16 @@ def main(argv=None) -> int:
     parser.add_argument("--gad-flags", default=DEFAULT_GAD_FLAGS, help="extra flags for the GAD stages only, as one "
                         "string (default: the GAD actor learning rate found best in the search, benchmarks/RESULTS.md)")
     parser.add_argument("--opd-flags", default=DEFAULT_OPD_FLAGS, help="extra flags for the opd stage only, as one string")
+    parser.add_argument("--gad-lr-flags", default=DEFAULT_GAD_LR_FLAGS, help="extra flags for the gad_lr stage only")
+    parser.add_argument("--spin-flags", default=DEFAULT_SPIN_FLAGS, help="extra flags for the spin stage only")
+    parser.add_argument("--protocol", default="start", choices=("start", "best"),
+                        help="start: every arm from the untrained student at equal actor steps; best: the main "
+                             f"comparison, every arm ({', '.join(BEST_ARMS)}) continues --continue-steps actor steps "
+                             "from SeqKD's best checkpoint (validation forward NLL)")
+    parser.add_argument("--continue-steps", type=int, default=60, help="--protocol best: actor steps of each arm")
+    parser.add_argument("--curve-steps", type=int, default=400, help="--protocol best: SeqKD curve length")
+    parser.add_argument("--curve-every", type=int, default=40, help="--protocol best: SeqKD checkpoint and "
+                        "validation interval of the curve")
     parser.add_argument("--variant", default="", help="a name for this GAD/OPD setting: its runs go to gad_NAME, "
                         "gad_frozen_NAME and opd_NAME beside the shared warm-up and SeqKD runs of the same --output-dir")
     parser.add_argument("--num-procs", type=int, default=2, help="ranks per stage")
@@ -321,10 +448,13 @@ def main(argv=None) -> int:
     args, extra = parser.parse_known_args(argv)
     if extra and extra[0] == "--":
         extra = extra[1:]
+    known = BEST_ARMS if args.protocol == "best" else ARMS
+    if args.protocol == "best" and args.arms == ",".join(ARMS):
+        args.arms = ",".join(BEST_ARMS)
     arms = [a for a in args.arms.split(",") if a]
-    unknown = sorted(set(arms) - set(ARMS))
+    unknown = sorted(set(arms) - set(known))
     if unknown:
-        parser.error(f"--arms: unknown {', '.join(unknown)} (known: {', '.join(ARMS)})")
+        parser.error(f"--arms: unknown {', '.join(unknown)} with --protocol {args.protocol} (known: {', '.join(known)})")
     if args.warmup_steps <= args.discriminator_warmup:
         parser.error("--warmup-steps must exceed --discriminator-warmup (the warm-up must update the actor)")
     out = Path(args.output_dir).resolve()
@@ -344,9 +474,14 @@ def main(argv=None) -> int:
     per_seed = {}
     for seed in args.seeds:
         runs = trained[seed]["runs"]
-        models = {arm: (paths["student"] if arm == "start" else str(runs[stage_plan(arm, args)[-1][1]]))
-                  for arm in arms}  # an arm's model is its last stage's run
+        models = {arm: (paths["student"] if arm == "start" else str(runs["seqkd_best"]) if arm == "seqkd_best"
+                        else str(runs[stage_plan(arm, args)[-1][1]])) for arm in arms}  # an arm's last stage's run
         per_seed[seed] = evaluate_cached(models, paths, heldout, args, seed, out)
+        for arm in arms:  # the work behind each arm (in --protocol best: after SeqKD's best checkpoint)
+            counts = [work_counts(runs[name]) for _, name, _, _ in stage_plan(arm, args)] if arm != "start" else []
+            actor = sum(c["actor"] for c in counts)
+            per_seed[seed][arm] = dict(per_seed[seed][arm], actor_updates=actor,
+                                       model_updates=actor + sum(c["discriminator"] for c in counts))
     teacher_self = evaluate_cached({"teacher": paths["teacher"]}, paths, heldout, args, 0, out)["teacher"]
     summary = summarise(per_seed, arms)
     total = time.perf_counter() - started

@@ -108,7 +108,7 @@ def main(argv=None) -> int:
 
     def discriminator_pass(plan):
         if plan[0] == "rows":  # the engine's row-level update under --discriminator.micro_batch_tokens
-            bradley_terry_by_rows(score, lambda loss: loss.backward(), plan[1], plan[2], args.n)
+            bradley_terry_by_rows(lambda _rows, part: score(part), lambda _rows, part: score(part), lambda loss: loss.backward(), plan[1], plan[2], args.n)
             return
         for rows in plan[1]:  # prompt groups, as the engine with --discriminator.micro_batch_prompts
             t = score(teacher.select(rows))

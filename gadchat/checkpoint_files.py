@@ -101,6 +101,7 @@ def write_atomic(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` whole or not at all: a temporary file beside it, renamed once
     written; a failed write (a full disk) removes the temporary file and leaves ``path`` as it was."""
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+<<<<<<< HEAD
     try:
         with open(tmp, "w", encoding="utf-8") as handle:
             handle.write(text)
@@ -110,3 +111,36 @@ def write_atomic(path: Path, text: str) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+=======
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def best_checkpoint(output_dir, metric: str) -> tuple:
+    """``(step folder, step, value)`` of the saved checkpoint whose logged ``metric`` (a key of
+    ``metrics.jsonl``, e.g. ``eval/forward_nll``) is lowest, among the complete checkpoints still in
+    ``output_dir/checkpoints`` (so ``trainer.keep_last`` must keep them; log the metric at the
+    steps that are saved: ``trainer.eval_every`` = ``trainer.save_every``)."""
+    metrics_file = Path(output_dir) / "metrics.jsonl"
+    if not metrics_file.exists():
+        raise CheckpointError(f"{metrics_file} is missing: {output_dir} is not a stage's output folder")
+    values = {}
+    for line in metrics_file.read_text().splitlines():
+        row = json.loads(line) if line.strip() else {}
+        if metric in row and "step" in row:
+            values[int(row["step"])] = float(row[metric])
+    saved = {}
+    root = checkpoint_root(output_dir)
+    for step_dir in sorted(root.glob("step_*")) if root.is_dir() else []:
+        if (step_dir / STATE_FILE).exists():
+            saved[int(read_state(step_dir)["step"])] = step_dir
+    candidates = sorted((values[step], step) for step in saved if step in values)
+    if not candidates:
+        raise CheckpointError(f"{output_dir}: no saved checkpoint has {metric!r} logged (logged at steps "
+                              f"{sorted(values)[:10] or 'none'}, checkpoints at {sorted(saved) or 'none'})")
+    value, step = candidates[0]
+    return saved[step], step, value
+>>>>>>> main

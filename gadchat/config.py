@@ -135,6 +135,19 @@ class ActorConfig:
     sft_temperature_scaled: bool = False
     """Also divide the logits by rollout.temperature in the SFT loss on teacher text (SeqKD and
     warm-up); off by default: plain cross-entropy on the teacher response."""
+    reward_form: str = "token"
+    """gad_lr stage: ``token`` = each sampled token's advantage is its own reward ``log q(y_t) -
+    log pi_old(y_t)`` (the per-token form of ``opd``); ``sequence`` = the sum over the answer,
+    GRPO-normalised per prompt group and broadcast over its tokens (GAD's form, for comparison)."""
+    sft_coef: float = 0.0
+    """gad_lr and spin stages: add this x the token-mean cross-entropy on the batch's teacher answers
+    to the actor's loss (InstructGPT's PPO-ptx term, keeping the SFT signal on). 0 = off."""
+    dpo_beta: float = 0.1
+    """spin stage: the DPO temperature beta of SPIN's loss (Chen et al. 2024 use 0.1)."""
+    reference_refresh_every: int = 0
+    """spin stage: every N steps the reference becomes a copy of the current actor (SPIN's
+    iterations, the opponent refreshed); 0 = the reference stays the stage's start model.
+    ``trainer.save_every`` must then be a multiple of N (exact resume)."""
 
 
 @dataclass
@@ -162,6 +175,18 @@ class DiscriminatorConfig:
     response tokens (an experimental option: a sequence log-ratio ``log p_T - log p_S`` is a sum over
     tokens; measured in benchmarks/RESULTS.md). An exported discriminator pools at the last token
     whatever this says: re-score with gadchat for ``sum`` / ``mean``."""
+    baseline: str = "pi_old"
+    """gad_lr stage (the likelihood-ratio discriminator ``D = sum_t log q(y_t) - sum_t log b(y_t)``,
+    ``q`` a causal LM): the baseline ``b``. ``pi_old`` = the actor that drew the samples (the
+    Bradley-Terry optimum is then ``q = p_T``, the teacher itself); ``reference`` = the frozen start
+    model (its optimum ``q`` is ``p_T ref / pi``, not the teacher)."""
+    bradley_terry_coef: float = 1.0
+    """gad_lr stage: weight of the Bradley-Terry loss (teacher answer over each sample) in the
+    language-model discriminator's update; 0 with ``sft_coef`` > 0 = ``q`` learns the teacher's text only."""
+    sft_coef: float = 0.0
+    """gad_lr stage: add this x the token-mean cross-entropy of ``q`` on the teacher answers to its update."""
+    updates_per_step: int = 1
+    """gad_lr stage: discriminator optimizer steps per actor step on the same batch."""
 
 
 @dataclass
@@ -192,7 +217,9 @@ class TrainerConfig:
     """auto = continue from output_dir's latest checkpoint when there is one; none; or a folder."""
     log_every: int = 1
     eval_every: int = 0
-    """SeqKD: every N steps, greedy rollouts on the eval split scored by ROUGE-L (0 = off)."""
+    """SeqKD: every N steps, the forward NLL of the eval split's teacher answers (``eval/forward_nll``)
+    and ROUGE-L of greedy rollouts on it (``eval/rouge_l``); 0 = off. With ``save_every`` the same N,
+    ``inference.export --best-by eval/forward_nll`` exports the best checkpoint."""
     eval_prompts: int = 16
     tensorboard: bool = True
     progress_bar: bool = True
@@ -297,6 +324,18 @@ def value_problems(cfg: "GADConfig") -> list:
     recipe = RECIPES.get(t.stage)
     choice("rollout.backend", r.backend, ("auto", "vllm", "hf"))
     choice("discriminator.pooling", c.pooling, ("last", "sum", "mean"))
+    choice("discriminator.baseline", c.baseline, ("pi_old", "reference"))
+    number("discriminator.bradley_terry_coef", c.bradley_terry_coef, 0)
+    number("discriminator.sft_coef", c.sft_coef, 0)
+    need(isinstance(c.updates_per_step, int) and c.updates_per_step >= 1, "discriminator.updates_per_step",
+         ">= 1", c.updates_per_step)
+    need(c.bradley_terry_coef > 0 or c.sft_coef > 0, "discriminator.bradley_terry_coef",
+         "> 0 unless --discriminator.sft_coef > 0 (the discriminator needs a loss)", c.bradley_terry_coef)
+    choice("actor.reward_form", a.reward_form, ("token", "sequence"))
+    number("actor.sft_coef", a.sft_coef, 0)
+    number("actor.dpo_beta", a.dpo_beta, 0, low_open=True)
+    need(isinstance(a.reference_refresh_every, int) and a.reference_refresh_every >= 0,
+         "actor.reference_refresh_every", ">= 0", a.reference_refresh_every)
     need(not t.oracle_reward or bool(cfg.model.teacher_path), "trainer.oracle_reward",
          "false unless --model.teacher_path names the teacher whose log-ratio is the reward", t.oracle_reward)
     choice("data.overlong", d.overlong, ("skip", "error"))

@@ -288,6 +288,21 @@ class HybridEngine:
     def mark_actor_updated(self):
         self._rollout_needs_sync = self.rollout_class.follows_actor
 
+    @torch.no_grad()
+    def refresh_reference_from_actor(self) -> None:
+        """The frozen reference becomes a copy of the actor's current weights (SPIN's iterations).
+        Both are built from the same model with the same ZeRO stage and ranks, so each rank copies
+        its own partition (``ds_tensor`` under ZeRO-3) without a gather, plus the whole tensor of the
+        small parameters ZeRO-3 keeps on every rank (``ds_persist``: the forward reads those directly)."""
+        pairs = list(zip(self.reference.module.parameters(), self.actor.module.parameters()))
+        for ref, act in pairs:
+            if hasattr(act, "ds_tensor"):
+                ref.ds_tensor.copy_(act.ds_tensor)
+                if getattr(act, "ds_persist", False) and ref.data.numel() == act.data.numel():
+                    ref.data.copy_(act.data)  # (not yet fetched there: its first forward gathers ds_tensor)
+            else:
+                ref.data.copy_(act.data)
+
     def iter_actor_weights(self):
         """``(hf_name, full_tensor)`` for every actor parameter, gathered from ZeRO-3 in buckets of
         ``rollout.sync_bucket_mb``; all ranks must consume it in lock-step."""

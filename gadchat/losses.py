@@ -194,3 +194,44 @@ def k3_kl(log_probs: torch.Tensor, ref_log_probs: torch.Tensor) -> torch.Tensor:
 def kl_loss(log_probs, ref_log_probs, mask, denominator=None) -> torch.Tensor:
     """Token-mean of :func:`k3_kl` over the response mask."""
     return masked_mean(k3_kl(log_probs, ref_log_probs), mask, denominator)
+
+
+# ----------------------------------------------------------------------------------------------
+# black-box per-token rewards: a language-model discriminator (gad_lr) and SPIN's DPO loss (spin)
+
+
+def sequence_log_ratio(log_probs: torch.Tensor, baseline_log_probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The likelihood-ratio discriminator's score of each sequence, ``[B]``:
+
+    ``D(x, y) = sum_t m_t (log q(y_t | x, y_<t) - log b(y_t | x, y_<t))``
+
+    ``log_probs``: ``log q`` ``[B, T]`` of the discriminator (a causal LM); ``baseline_log_probs``:
+    ``log b`` of the frozen baseline (the rollout policy or the reference), same shape. Trained by
+    Bradley-Terry between teacher answers and student samples, the optimum with ``b`` the sampling
+    policy is ``q = p_T``: ``D`` is then the teacher's log-ratio ``log p_T(y|x) - log pi(y|x)``."""
+    return ((log_probs - baseline_log_probs) * mask).sum(-1)
+
+
+def token_log_ratio_rewards(discriminator_log_probs: torch.Tensor, old_log_probs: torch.Tensor,
+                            mask: torch.Tensor) -> torch.Tensor:
+    """Per-token rewards of the likelihood-ratio discriminator, ``[B, T]``:
+
+    ``r_t = m_t * (log q(y_t | x, y_<t) - log pi_old(y_t | x, y_<t))``
+
+    the form of on-policy distillation's advantages (``opd``) with the discriminator ``q`` in the
+    teacher's place: used as advantages by PPO-clip, each token is credited with its own log-ratio."""
+    return (discriminator_log_probs - old_log_probs) * mask
+
+
+def dpo_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor, beta: float) -> torch.Tensor:
+    """SPIN's loss (Chen et al., ICML 2024): DPO with the teacher's answer chosen and each of the
+    model's own samples rejected, the chosen answer's term shared by its prompt's ``n`` samples:
+
+    ``L = mean_{p,i} -logsigmoid(beta * (h_p - h_{p,i}))``,  ``h(y) = log pi(y|x) - log ref(y|x)``
+
+    ``chosen_scores``: ``h`` of each prompt's teacher answer ``[P]``; ``rejected_scores``: ``h`` of
+    its samples ``[P, n]`` (sequence sums of per-token log-ratios, :func:`sequence_log_ratio`).
+    It is :func:`bradley_terry_loss` on the implicit rewards ``beta * h``, so the same exact
+    micro-batching applies. The gradient raises ``log pi`` of the chosen answer and lowers that of
+    the samples, each pair weighted by ``sigmoid(beta * (h_{p,i} - h_p))``."""
+    return bradley_terry_loss(beta * chosen_scores, beta * rejected_scores)

@@ -51,8 +51,10 @@ def reference() -> Role:
     return Role("reference", CAUSAL_LM, trains=False, exported=False, optimizer_section="actor")
 
 
-def discriminator(trains: bool = True) -> Role:
-    return Role("discriminator", SCORER, trains=trains, exported=True, optimizer_section="discriminator")
+def discriminator(trains: bool = True, kind: str = SCORER) -> Role:
+    """The paper's discriminator (a score head, ``SCORER``) or, with ``kind=CAUSAL_LM``, the
+    likelihood-ratio discriminator of the gad_lr stage (a language model ``q`` scored against a baseline)."""
+    return Role("discriminator", kind, trains=trains, exported=True, optimizer_section="discriminator")
 
 
 def teacher() -> Role:
@@ -64,6 +66,9 @@ def role_sources(roles: dict, cfg, handoff: dict) -> dict:
     exported folders by role (``trainer.init_from``), which win over the configured paths."""
     m = cfg.model
     start = handoff.get("actor") or m.actor_path
+    if "discriminator" in roles and handoff.get("discriminator") and \
+            exported_kind(handoff["discriminator"]) != roles["discriminator"].kind:
+        handoff = {k: v for k, v in handoff.items() if k != "discriminator"}  # a score head cannot start a q, nor back
     sources = {"actor": start, "reference": start,
                "discriminator": handoff.get("discriminator") or m.discriminator_path or start,
                "teacher": m.teacher_path}
@@ -71,3 +76,15 @@ def role_sources(roles: dict, cfg, handoff: dict) -> dict:
     if missing:
         raise ValueError(f"the {' and '.join(missing)} role needs a model: --model.{missing[0]}_path is empty")
     return {name: sources[name] for name in roles}
+
+
+def exported_kind(folder: str) -> str:
+    """``CAUSAL_LM`` or ``SCORER``: what an exported role folder holds, from its config's architectures."""
+    import json
+    from pathlib import Path
+
+    try:
+        architectures = json.loads((Path(folder) / "config.json").read_text()).get("architectures") or []
+    except (OSError, ValueError):
+        return SCORER
+    return CAUSAL_LM if any(name.endswith("ForCausalLM") for name in architectures) else SCORER

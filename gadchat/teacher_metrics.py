@@ -165,3 +165,21 @@ def reward_diagnostics(rewards: torch.Tensor, teacher_log_probs: torch.Tensor, s
         summary = within_group_spearman(reward_groups, grouped(values))
         out[f"diag/reward_vs_{name}"] = summary["mean"]
     return out
+
+
+def token_pearson(rewards: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> float:
+    """Pearson correlation over all masked tokens of a per-token reward with a per-token target:
+
+    ``rho = sum (r - r_bar)(s - s_bar) / sqrt(sum (r - r_bar)^2 sum (s - s_bar)^2)``
+
+    over the tokens with ``mask`` 1 (pooled over rows; ``r_bar``, ``s_bar`` their means). The
+    measure a per-token reward needs against the teacher's ``log p_T(y_t) - log pi(y_t)``: a sum-level
+    correlation flatters any reward that only learned length. 0 when either side is constant."""
+    keep = mask.reshape(-1) > 0
+    r = rewards.reshape(-1)[keep].double()
+    s = targets.reshape(-1)[keep].double()
+    if r.numel() < 2:
+        return 0.0
+    r, s = r - r.mean(), s - s.mean()
+    denominator = torch.sqrt((r * r).sum() * (s * s).sum())
+    return float((r * s).sum() / denominator) if float(denominator) > 0 else 0.0

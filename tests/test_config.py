@@ -27,7 +27,8 @@ def all_fields():
 
 SPECIAL_VALUES = {"trainer.stage": "gad", "rollout.backend": "hf", "data.overlong": "error",
                   "actor.betas": "0.8,0.95", "discriminator.betas": "0.85,0.9", "trainer.resume": "none",
-                  "model.dtype": "bfloat16", "trainer.on_nonfinite": "skip", "discriminator.pooling": "sum"}
+                  "model.dtype": "bfloat16", "trainer.on_nonfinite": "skip", "discriminator.pooling": "sum",
+                  "discriminator.baseline": "reference", "actor.reward_form": "sequence"}
 
 
 def non_default(section, name, kind, default):

@@ -453,7 +453,7 @@ def test_bradley_terry_by_rows_gives_the_whole_loss_gradient_in_any_grouping():
         backwards.append(float(loss.detach()))
         loss.backward()
 
-    t_all, s_all = bradley_terry_by_rows(lambda feats: feats @ w, backward, teacher_parts, student_parts, n)
+    t_all, s_all = bradley_terry_by_rows(lambda _rows, feats: feats @ w, lambda _rows, feats: feats @ w, backward, teacher_parts, student_parts, n)
     assert len(backwards) == len(teacher_parts) + len(student_parts)
     assert torch.allclose(w.grad, whole, atol=1e-6)
     assert torch.allclose(t_all, (x_t @ w).detach()) and torch.allclose(s_all, (x_s @ w).detach().view(prompts, n))

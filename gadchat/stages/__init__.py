@@ -12,11 +12,13 @@ from pathlib import Path
 
 from gadchat.stages.base import Recipe
 from gadchat.stages.gad import GAD
+from gadchat.stages.gad_lr import GADLikelihoodRatio
 from gadchat.stages.opd import OPD
 from gadchat.stages.seqkd import SeqKD
+from gadchat.stages.spin import SPIN
 from gadchat.stages.warmup import Warmup
 
-RECIPES: dict = {recipe.name: recipe for recipe in (SeqKD(), Warmup(), GAD(), OPD())}
+RECIPES: dict = {recipe.name: recipe for recipe in (SeqKD(), Warmup(), GAD(), OPD(), GADLikelihoodRatio(), SPIN())}
 STAGES = tuple(RECIPES)
 REPO = Path(__file__).resolve().parents[2]
 

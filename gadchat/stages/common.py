@@ -15,7 +15,7 @@ from gadchat.batch import SequenceBatch
 from gadchat.data import eval_data_config, load_teacher_data
 from gadchat.diagnostics import reward_step_metrics
 from gadchat.losses import (bradley_terry_loss, bradley_terry_student_terms, bradley_terry_teacher_gradient,
-                            discriminator_metrics, kl_loss, masked_mean, ppo_clip_loss)
+                            discriminator_metrics, kl_loss, masked_mean, ppo_clip_loss, sft_loss)
 
 
 def stage_seed(seed: int, stage: str) -> int:
@@ -76,7 +76,8 @@ def discriminator_update(run, teacher: SequenceBatch, student: SequenceBatch):
         student_parts = student.micro_batches(0, tokens=budget)
         with engine.timer("discriminator_update"), \
                 engine.update("discriminator", len(teacher_parts) + len(student_parts)) as update:
-            t_all, s_all = bradley_terry_by_rows(engine.scores, update.backward, teacher_parts, student_parts, n)
+            score = lambda _rows, part: engine.scores(part)  # noqa: E731
+            t_all, s_all = bradley_terry_by_rows(score, score, update.backward, teacher_parts, student_parts, n)
         with torch.no_grad():
             d_loss = float(bradley_terry_loss(t_all, s_all))
     else:
@@ -96,7 +97,8 @@ def discriminator_update(run, teacher: SequenceBatch, student: SequenceBatch):
     return metrics, s_all
 
 
-def bradley_terry_by_rows(score, backward, teacher_parts: list, student_parts: list, n: int):
+def bradley_terry_by_rows(score_teacher, score_student, backward, teacher_parts: list, student_parts: list,
+                          n: int):
     """The gradient of one Bradley-Terry loss ``L_D = mean_{p,i} -logsigmoid(t_p - s_{p,i})``
     accumulated over micro-batches of rows in any grouping (by length, across prompts), exactly:
 
@@ -107,8 +109,9 @@ def bradley_terry_by_rows(score, backward, teacher_parts: list, student_parts: l
        the student scores (:func:`~gadchat.losses.bradley_terry_teacher_gradient`).
 
     Against micro-batches of whole prompts this costs one more forward over the teacher rows,
-    and pads only between rows of similar length. ``score(part)`` gives a part's scores with
-    gradient, ``backward(loss)`` back-propagates one micro-batch; the parts are
+    and pads only between rows of similar length. ``score_teacher(rows, part)`` and ``score_student(rows, part)``
+    give a teacher / student part's scores with gradient (``rows``: its row indices, for scores
+    that read per-row inputs), ``backward(loss)`` back-propagates one micro-batch; the parts are
     ``(row_indices, SequenceBatch)`` of :meth:`SequenceBatch.micro_batches` (teacher rows index
     prompts, student rows are prompt-major, ``n`` per prompt). Returns the teacher scores ``[P]``
     and the student scores ``[P, n]`` of the forward passes (before any update)."""
@@ -116,15 +119,15 @@ def bradley_terry_by_rows(score, backward, teacher_parts: list, student_parts: l
     t_all, s_all = torch.zeros(prompts), torch.zeros(prompts * n)
     with torch.no_grad():
         for index, part in teacher_parts:
-            t_all[index] = score(part).float().cpu()
+            t_all[index] = score_teacher(index, part).float().cpu()
     for index, part in student_parts:
-        s = score(part)
+        s = score_student(index, part)
         backward(bradley_terry_student_terms(t_all[index // n].to(s), s, prompts * n))
         s_all[index] = s.detach().float().cpu()
     s_all = s_all.view(prompts, n)
     coefficient = bradley_terry_teacher_gradient(t_all, s_all)
     for index, part in teacher_parts:
-        t = score(part)
+        t = score_teacher(index, part)
         backward((t * coefficient[index].to(t)).sum())
     return t_all, s_all
 
@@ -187,14 +190,15 @@ def reward_diagnostics(run, rewards: torch.Tensor, student: SequenceBatch, sampl
 
 
 def policy_update(run, student: SequenceBatch, advantages: torch.Tensor, ref: torch.Tensor | None,
-                  old: torch.Tensor | None = None) -> dict:
+                  old: torch.Tensor | None = None, answers: SequenceBatch | None = None) -> dict:
     """PPO-clip + k3 KL to the reference (+ entropy bonus) over ``actor.ppo_epochs`` x
     ``actor.mini_batches`` optimizer steps of the actor on the student samples.
 
     ``advantages``: ``[B]`` (one per sample, broadcast over its tokens) or ``[B, T-1]`` (per
     token). ``old``: the sampling policy's log-probs ``[B, T-1]``; when ``None`` they are the
     detached current log-probs with a single step per batch (the ratio is exactly 1), otherwise
-    computed once before the first update."""
+    computed once before the first update. ``answers``: the teacher answers, for ``actor.sft_coef``
+    x their token-mean cross-entropy added to the first optimizer step (PPO-ptx)."""
     a, engine = run.cfg.actor, run.engine
     rows = len(student)
     temperature = sample_temperature(run.cfg)
@@ -202,7 +206,7 @@ def policy_update(run, student: SequenceBatch, advantages: torch.Tensor, ref: to
         with engine.timer("old_log_probs"):
             old = engine.log_probs_no_grad(engine.actor, student, a.micro_batch_size, temperature)
     sums = {"pg_loss": 0.0, "kl": 0.0, "entropy": 0.0, "clip_fraction": 0.0}
-    updates = 0
+    updates, ptx_loss = 0, None
     mini_size = math.ceil(rows / a.mini_batches)
     with engine.timer("actor_update"):
         for _epoch in range(a.ppo_epochs):
@@ -210,7 +214,11 @@ def policy_update(run, student: SequenceBatch, advantages: torch.Tensor, ref: to
                 mini_end = min(rows, mini_start + mini_size)
                 denominator = student.target_mask[mini_start:mini_end].sum().clamp(min=1)
                 parts = student.micro_batches(a.micro_batch_size, mini_start, mini_end, tokens=a.micro_batch_tokens)
-                with engine.update("actor", len(parts)) as update:
+                ptx = sft_parts(run, answers) if answers is not None and a.sft_coef > 0 and updates == 0 else []
+                with engine.update("actor", len(parts) + len(ptx)) as update:
+                    if ptx:
+                        ptx_loss = sft_backward(run, update, engine.actor, answers, ptx, a.sft_coef,
+                                                sft_temperature(run.cfg))
                     for picked, part in parts:
                         log_probs, entropy = engine.log_probs(engine.actor, part, with_entropy=a.entropy_coef > 0,
                                                               temperature=temperature)
@@ -237,23 +245,56 @@ def policy_update(run, student: SequenceBatch, advantages: torch.Tensor, ref: to
     out = {f"actor/{k}": v / updates for k, v in sums.items()}
     if a.entropy_coef == 0:
         out.pop("actor/entropy")
+    if ptx_loss is not None:
+        out["actor/sft_loss"] = ptx_loss
     return out
 
 
-def rouge_eval(run) -> dict:
-    """Greedy rollouts on the first ``trainer.eval_prompts`` held-out prompts, ROUGE-L F1 against
-    the teacher (SeqKD's optional progress signal)."""
+def sft_parts(run, answers: SequenceBatch) -> list:
+    a = run.cfg.actor
+    return answers.micro_batches(a.micro_batch_size, tokens=a.micro_batch_tokens)
+
+
+def sft_backward(run, update, model, answers: SequenceBatch, parts: list, coefficient: float,
+                 temperature: float = 1.0) -> float:
+    """Back-propagate ``coefficient x`` the token-mean cross-entropy of ``model`` on the teacher
+    answers (:func:`~gadchat.losses.sft_loss`, denominator the whole batch's answer tokens) over
+    ``parts`` (from :func:`sft_parts` or the discriminator's own grouping); returns the loss."""
+    tokens = float(answers.target_mask.sum())
+    total = 0.0
+    for _, part in parts:
+        log_probs, _ = run.engine.log_probs(model, part, temperature=temperature)
+        loss = sft_loss(log_probs, part.target_mask.to(log_probs.device), denominator=tokens)
+        total += float(loss.detach())
+        update.backward(coefficient * loss)
+    return total
+
+
+def held_out_eval(run) -> dict:
+    """SeqKD's progress signals on the first ``trainer.eval_prompts`` held-out examples (the
+    ``data.eval_split`` part of the training files, else ``data.eval_files``), both black-box:
+
+    - ``eval/forward_nll``: the actor's token-mean NLL of the held-out teacher answers, pooled over
+      every rank's tokens (what SFT minimises; the measure that picks SFT's best checkpoint);
+    - ``eval/rouge_l``: ROUGE-L F1 of greedy answers against the teacher's."""
     from gadchat.rouge import rouge_l_f1
 
-    cfg = run.cfg
+    cfg, engine = run.cfg, run.engine
     if getattr(run, "eval_examples", None) is None:
         held_out = cfg.data.eval_split > 0  # the held-out part of train_files, else eval_files
         run.eval_examples, _ = load_teacher_data(eval_data_config(cfg.data), run.tokenizer,
                                                  spec=None if held_out else cfg.data.eval_files,
                                                  max_rows=cfg.trainer.eval_prompts, part="eval")
     usable = len(run.eval_examples) - len(run.eval_examples) % run.world_size  # equal share per rank:
-    mine = run.eval_examples[:usable][run.rank :: run.world_size]  # ZeRO-3 generate runs in lock-step
-    samples = run.engine.generate([e.prompt_ids for e in mine], seed=0, greedy=True, n=1)
+    mine = run.eval_examples[:usable][run.rank :: run.world_size]  # ZeRO-3 forwards run in lock-step
+    answers = teacher_batch(run, mine)
+    log_probs = engine.log_probs_no_grad(engine.actor, answers, cfg.actor.micro_batch_size)
+    tokens = float(answers.target_mask.sum())
+    all_tokens = runtime.global_stats([tokens])["mean"] * run.world_size
+    nll = float(-(log_probs * answers.target_mask).sum())
+    samples = engine.generate([e.prompt_ids for e in mine], seed=0, greedy=True, n=1)
     texts = [run.tokenizer.decode(g[0], skip_special_tokens=True) for g in samples]
     scores = [rouge_l_f1(text, e.response) for text, e in zip(texts, mine)]
-    return {"eval/rouge_l": sum(scores) / max(1, len(scores))}
+    # the step metrics are averaged over ranks: this rank's share times the rank count pools them
+    return {"eval/forward_nll": nll / max(all_tokens, 1.0) * run.world_size,
+            "eval/rouge_l": sum(scores) / max(1, len(scores))}

@@ -1,8 +1,10 @@
 """SeqKD, the baseline: supervised fine-tuning of the student on the teacher's responses.
 
 Per step: the token-mean cross-entropy of the teacher responses under the actor (each response's
-EOS included), one optimizer step. Optional progress signal: every ``trainer.eval_every`` steps,
-ROUGE-L of greedy rollouts against held-out teacher answers.
+EOS included), one optimizer step. Optional progress signals, every ``trainer.eval_every`` steps:
+the forward NLL of held-out teacher answers (SFT overfits past a point: the step where it is lowest
+is SFT's best checkpoint, ``inference.export --best-by eval/forward_nll``) and ROUGE-L of greedy
+rollouts against them.
 """
 
 from __future__ import annotations
@@ -40,5 +42,5 @@ class SeqKD(Recipe):
 
         metrics = {"actor/sft_loss": update.loss, "tokens": float(teacher.attention_mask.sum())}
         if cfg.trainer.eval_every and (step + 1) % cfg.trainer.eval_every == 0:
-            metrics.update(common.rouge_eval(run))
+            metrics.update(common.held_out_eval(run))
         return metrics

@@ -1,0 +1,73 @@
+"""Pieces the black-box per-token stages share (``gad_lr``: a language-model discriminator whose
+log-ratio to a baseline is the reward; ``spin``: the actor is its own discriminator): a pairwise
+update over sequence log-ratios, micro-batched by rows with the exact Bradley-Terry gradient, the
+cross-entropy term on the teacher answers, and the per-token reward diagnostic. Plain functions of
+the running stage ``run``, as in :mod:`gadchat.stages.common`."""
+
+from __future__ import annotations
+
+import torch
+
+from gadchat.batch import SequenceBatch
+from gadchat.losses import bradley_terry_loss, discriminator_metrics, sequence_log_ratio
+from gadchat.stages.common import bradley_terry_by_rows
+from gadchat.teacher_metrics import token_pearson
+
+
+def pair_parts(answers: SequenceBatch, samples: SequenceBatch, n: int, prompts_per_part: int, tokens: int):
+    """Micro-batches ``(answer_parts, sample_parts)`` of a pairwise update: ``prompts_per_part``
+    teacher answers and ``prompts_per_part x n`` samples per part, or rows by a ``tokens`` budget."""
+    per = max(1, prompts_per_part)
+    return answers.micro_batches(per, tokens=tokens), samples.micro_batches(per * n, tokens=tokens)
+
+
+def pair_backward_passes(parts) -> int:
+    """The backward passes of :func:`log_ratio_pair_update` over ``parts``: one per part."""
+    return len(parts[0]) + len(parts[1])
+
+
+def log_ratio_pair_update(run, update, model, parts, answer_baseline: torch.Tensor, sample_baseline: torch.Tensor,
+                          scale: float, temperature: float, coefficient: float = 1.0):
+    """Back-propagate ``coefficient x`` the Bradley-Terry loss of the scores
+    ``s(y) = scale * sum_t (log model(y_t) - log b(y_t))`` (:func:`~gadchat.losses.sequence_log_ratio`),
+    each prompt's teacher answer preferred over each of its ``n`` samples, into ``update``
+    (:func:`pair_backward_passes` of them; the answers are run forward twice).
+
+    With ``model`` the discriminator ``q`` and ``scale`` 1 this is the gad_lr discriminator's loss;
+    with ``model`` the actor, ``b`` the reference and ``scale = beta`` it is SPIN's DPO loss
+    (:func:`~gadchat.losses.dpo_loss`). ``parts``: :func:`pair_parts`; the gradient is exact in any
+    grouping (:func:`~gadchat.stages.common.bradley_terry_by_rows`). Baselines are ``[rows, T-1]``
+    no-grad log-probs aligned with the answers and the samples. Returns the answers' and the
+    samples' scores ``[P]``, ``[P, n]`` (before this update)."""
+    engine = run.engine
+    answer_parts, sample_parts = parts
+
+    def score(baseline):
+        def of(rows, part):
+            log_probs, _ = engine.log_probs(model, part, temperature=temperature)
+            width = log_probs.shape[1]
+            mask = part.target_mask.to(log_probs.device)
+            return scale * sequence_log_ratio(log_probs, baseline[rows, :width].to(log_probs.device), mask)
+        return of
+
+    return bradley_terry_by_rows(score(answer_baseline), score(sample_baseline),
+                                 lambda loss: update.backward(coefficient * loss), answer_parts, sample_parts,
+                                 run.cfg.rollout.n)
+
+
+def pair_metrics(prefix: str, answer_scores: torch.Tensor, sample_scores: torch.Tensor, loss_name: str = "loss") -> dict:
+    """``{prefix}/{loss_name}`` (the Bradley-Terry loss of the scores), ``{prefix}/d_acc`` (the share of
+    pairs where the teacher's answer scores higher) and the mean scores."""
+    out = {f"{prefix}/{loss_name}": float(bradley_terry_loss(answer_scores, sample_scores))}
+    out.update({f"{prefix}/{k}": v for k, v in discriminator_metrics(answer_scores, sample_scores).items()})
+    return out
+
+
+def token_reward_diagnostics(token_rewards: torch.Tensor, view, mask: torch.Tensor) -> dict:
+    """``diag/token_reward_pearson``: the Pearson correlation over every sampled token of a per-token
+    black-box reward with the teacher's own per-token log-ratio ``log p_T(y_t) - log pi(y_t)``
+    (``view``: :func:`gadchat.stages.common.teacher_view`, ``None`` without a teacher: no metric)."""
+    if view is None:
+        return {}
+    teacher_lp, actor_lp = view
+    return {"diag/token_reward_pearson": token_pearson(token_rewards, teacher_lp - actor_lp, mask)}

@@ -1,0 +1,120 @@
+"""GAD with a likelihood-ratio discriminator (``gad_lr``, black-box, beside the published GAD stage).
+
+The discriminator is a causal language model ``q`` (started from the student) whose score of an
+answer is its log-likelihood ratio to a frozen baseline ``b``:
+
+    ``D(x, y) = sum_t log q(y_t | x, y_<t) - sum_t log b(y_t | x, y_<t)``
+
+trained, as GAD's discriminator, by Bradley-Terry with each teacher answer preferred over its
+prompt's samples (optionally plus a cross-entropy term of ``q`` on the teacher answers). With ``b``
+the policy that drew the samples (``--discriminator.baseline pi_old``, default) the Bradley-Terry
+optimum is ``q = p_T`` (logistic regression between teacher and student samples learns their
+log density ratio ``log p_T - log pi``), so ``q`` is trained toward the teacher itself. The actor's
+reward is then per token, ``r_t = log q(y_t) - log pi_old(y_t)`` (the advantages of ``opd`` with
+``q`` in the teacher's place), or its sum GRPO-normalised (``--actor.reward_form sequence``). The
+teacher gives only text: the stage is black-box.
+
+Per step:
+
+1. the rollout engine samples ``n`` responses per prompt from the student;
+2. ``pi_old`` (the actor before its update) scores the samples, and the baseline ``b`` scores the
+   teacher answers and the samples;
+3. ``q`` takes ``discriminator.updates_per_step`` steps of ``bradley_terry_coef x`` Bradley-Terry
+   on ``D`` (+ ``discriminator.sft_coef x`` its cross-entropy on the teacher answers);
+4. the updated ``q`` scores the samples: rewards ``r_t = log q(y_t) - log pi_old(y_t)``;
+5. once ``step >= trainer.discriminator_warmup``: the actor takes PPO-clip steps on the per-token
+   advantages ``r_t`` (+ ``actor.kl_coef`` x k3 KL to the reference, + ``actor.sft_coef`` x SFT
+   on the teacher answers).
+"""
+
+from __future__ import annotations
+
+from gadchat import roles, runtime
+from gadchat.losses import grpo_advantages, token_log_ratio_rewards
+from gadchat.stages import blackbox, common
+from gadchat.stages.base import Recipe
+from gadchat.teacher_metrics import sequence_sums
+
+
+class GADLikelihoodRatio(Recipe):
+    name = "gad_lr"
+    step_folder = "step5_gad_lr"
+    summary = ("GAD with a likelihood-ratio discriminator: q (a causal LM) vs a baseline, per-token "
+               "rewards log q - log pi_old (black-box)")
+    defaults = {"actor": {"kl_coef": 0.0}, "trainer": {"discriminator_warmup": 0, "epochs": 2.0}}
+
+    def roles(self, cfg) -> dict:
+        out = {"actor": roles.actor(), "discriminator": roles.discriminator(kind=roles.CAUSAL_LM)}
+        if cfg.actor.kl_coef > 0 or cfg.discriminator.baseline == "reference":
+            out["reference"] = roles.reference()
+        if cfg.model.teacher_path:  # read only: the diag/ metrics
+            out["teacher"] = roles.teacher()
+        return out
+
+    def config_problems(self, cfg) -> list:
+        n = cfg.rollout.n
+        if cfg.actor.reward_form == "sequence" and not (isinstance(n, int) and n >= 2):
+            return [f"--rollout.n must be >= 2 with --actor.reward_form sequence (GRPO advantages of a single "
+                    f"sample are 0), got {n!r}"]
+        return []
+
+    def step(self, run, step: int, batch: list) -> dict:
+        cfg, engine = run.cfg, run.engine
+        a, d = cfg.actor, cfg.discriminator
+        answers = common.teacher_batch(run, batch)
+        samples, student = common.rollout(run, step, batch)
+        mask = student.target_mask
+        temperature = common.sample_temperature(cfg)
+
+        # the baseline b of D, on both sides; pi_old is also the actor's PPO anchor
+        with engine.timer("old_log_probs"):
+            old = engine.log_probs_no_grad(engine.actor, student, a.micro_batch_size, temperature)
+        baseline_model = engine.actor if d.baseline == "pi_old" else engine.reference
+        with engine.timer("baseline_log_probs"):
+            answer_baseline = engine.log_probs_no_grad(baseline_model, answers, a.micro_batch_size, temperature)
+            sample_baseline = old if d.baseline == "pi_old" else common.reference_log_probs(run, student)
+
+        # the discriminator q: Bradley-Terry on D (+ cross-entropy on the teacher answers)
+        parts = blackbox.pair_parts(answers, student, cfg.rollout.n, d.micro_batch_prompts, d.micro_batch_tokens)
+        ce_parts = answers.micro_batches(max(1, d.micro_batch_prompts), tokens=d.micro_batch_tokens)
+        metrics = {}
+        with engine.timer("discriminator_update"):
+            for repeat in range(d.updates_per_step):
+                count = blackbox.pair_backward_passes(parts) * (d.bradley_terry_coef > 0) + len(ce_parts) * (d.sft_coef > 0)
+                with engine.update("discriminator", count) as update:
+                    if d.bradley_terry_coef > 0:
+                        t_all, s_all = blackbox.log_ratio_pair_update(
+                            run, update, engine.discriminator, parts, answer_baseline, sample_baseline, 1.0,
+                            temperature, d.bradley_terry_coef)
+                        if repeat == 0:
+                            metrics.update(blackbox.pair_metrics("discriminator", t_all, s_all, "d_loss"))
+                    if d.sft_coef > 0:
+                        ce = common.sft_backward(run, update, engine.discriminator, answers, ce_parts, d.sft_coef)
+                        if repeat == 0:
+                            metrics["discriminator/sft_loss"] = ce
+
+        # per-token rewards from the updated q
+        with engine.timer("score"):
+            q = engine.log_probs_no_grad(engine.discriminator, student, a.micro_batch_size, temperature)
+        token_rewards = token_log_ratio_rewards(q, old, mask)
+        sequence_rewards = sequence_sums(token_rewards, mask).view(len(batch), -1)
+        if a.reward_form == "token":
+            advantages = token_rewards
+        else:
+            advantages = grpo_advantages(sequence_rewards).reshape(-1)
+        reward = runtime.global_stats(sequence_rewards)
+        per_token = runtime.global_stats([float(token_rewards.sum() / mask.sum().clamp(min=1))])
+        metrics.update({"reward/mean": reward["mean"], "reward/std": reward["std"],
+                        "reward/per_token_mean": per_token["mean"]})
+        metrics.update(common.response_length_stats(samples))
+        view = common.teacher_view(run, student)
+        metrics.update(common.reward_diagnostics(run, sequence_rewards, student, samples, view))
+        metrics.update(blackbox.token_reward_diagnostics(token_rewards, view, mask))
+
+        metrics["actor/updated"] = float(step >= cfg.trainer.discriminator_warmup)
+        if step >= cfg.trainer.discriminator_warmup:
+            ref = None if a.kl_coef == 0 else sample_baseline if d.baseline == "reference" else \
+                common.reference_log_probs(run, student)
+            metrics.update(common.policy_update(run, student, advantages, ref, old=old, answers=answers))
+        metrics["tokens"] = float(student.attention_mask.sum() + answers.attention_mask.sum())
+        return metrics

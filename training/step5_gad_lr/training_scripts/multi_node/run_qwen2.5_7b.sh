@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# gad_lr, Qwen2.5-7B-Instruct student on several nodes (HOSTFILE, MASTER_ADDR): ZeRO-3; output_dir must be on storage every node sees.
+# Starts from a SeqKD (or warm-up) run (INIT_FROM); the discriminator q is a second 7B causal LM.
+ROOT=$(cd "$(dirname "$0")/../../../.." && pwd)
+exec "$ROOT/training/launch.sh" gad_lr multi_node --config "$ROOT/configs/qwen2.5-7b/gad_lr.yaml" \
+  --model.actor_path "${ACTOR:-Qwen/Qwen2.5-7B-Instruct}" \
+  --trainer.output_dir "${OUTPUT:-$ROOT/outputs/qwen2.5-7b/gad_lr}" "$@"

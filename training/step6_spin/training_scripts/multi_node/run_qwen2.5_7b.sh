@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# spin, Qwen2.5-7B-Instruct student on several nodes (HOSTFILE, MASTER_ADDR): ZeRO-3; output_dir must be on storage every node sees.
+# Starts from a SeqKD run (INIT_FROM); the reference is its start (or refreshed: --actor.reference_refresh_every K).
+ROOT=$(cd "$(dirname "$0")/../../../.." && pwd)
+exec "$ROOT/training/launch.sh" spin multi_node --config "$ROOT/configs/qwen2.5-7b/spin.yaml" \
+  --model.actor_path "${ACTOR:-Qwen/Qwen2.5-7B-Instruct}" \
+  --trainer.output_dir "${OUTPUT:-$ROOT/outputs/qwen2.5-7b/spin}" "$@"
