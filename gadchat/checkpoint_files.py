@@ -101,7 +101,6 @@ def write_atomic(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` whole or not at all: a temporary file beside it, renamed once
     written; a failed write (a full disk) removes the temporary file and leaves ``path`` as it was."""
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-<<<<<<< HEAD
     try:
         with open(tmp, "w", encoding="utf-8") as handle:
             handle.write(text)
@@ -111,12 +110,6 @@ def write_atomic(path: Path, text: str) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-=======
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def best_checkpoint(output_dir, metric: str) -> tuple:
@@ -143,4 +136,3 @@ def best_checkpoint(output_dir, metric: str) -> tuple:
                               f"{sorted(values)[:10] or 'none'}, checkpoints at {sorted(saved) or 'none'})")
     value, step = candidates[0]
     return saved[step], step, value
->>>>>>> main
