@@ -238,6 +238,11 @@ def summarise(per_seed: dict, arms: list) -> dict:
     return out
 
 
+def teacher_cell(teacher_self: dict, key: str) -> str:
+    """The teacher's own value of a metric (``-`` for the work counts, which it has none of)."""
+    return f"{teacher_self[key]:.3f}" if key in teacher_self else "-"
+
+
 def table(summary: dict, arms: list, teacher_self: dict | None) -> str:
     header = "| arm | " + " | ".join(label for _, label, _ in METRICS) + " |"
     lines = [header, "|---" * (len(METRICS) + 1) + "|"]
@@ -245,7 +250,7 @@ def table(summary: dict, arms: list, teacher_self: dict | None) -> str:
         cells = [f"{summary[arm][k][0]:.3f} ± {summary[arm][k][1]:.3f}" for k, _, _ in METRICS]
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     if teacher_self:
-        lines.append("| teacher (itself) | " + " | ".join(f"{teacher_self[k]:.3f}" for k, _, _ in METRICS) + " |")
+        lines.append("| teacher (itself) | " + " | ".join(teacher_cell(teacher_self, k) for k, _, _ in METRICS) + " |")
     return "\n".join(lines)
 
 
@@ -383,7 +388,7 @@ def record(args, extra: list, summary: dict, arms: list, teacher_self: dict, che
         shutil.copyfile(picture, target)
         copied.append(target)
     rows = [[arm, *[f"{summary[arm][k][0]:.3f} ± {summary[arm][k][1]:.3f}" for k, _, _ in METRICS]] for arm in arms]
-    rows.append(["teacher (itself)", *[f"{teacher_self[k]:.3f}" for k, _, _ in METRICS]])
+    rows.append(["teacher (itself)", *[teacher_cell(teacher_self, k) for k, _, _ in METRICS]])
     command = "python -m applications.known_teacher " + " ".join(
         shlex.quote(a) for a in (sys.argv[1:] if len(sys.argv) > 1 else []))
     save_result(f"q_known_teacher_{args.record}", {
