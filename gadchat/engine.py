@@ -87,13 +87,15 @@ class ModelUpdate:
     ``training`` is true; dropout, where a model has any) and back in eval mode after it: rollouts,
     reference, old-log-prob and scoring passes run in eval mode, as in verl. The gradient-accumulation
     boundary is set by hand at the last planned backward, so the number of micro-batches may vary
-    from step to step; the optimizer steps when the block ends. ``loss`` is the batch loss (the
-    sum of the backward losses)."""
+    from step to step; the optimizer steps when the block ends, then ``after_step`` runs (the
+    actor's update marks the rollout engine's weights stale). ``loss`` is the batch loss (the sum
+    of the backward losses)."""
 
-    def __init__(self, engine, micro_batches: int):
+    def __init__(self, engine, micro_batches: int, after_step=None):
         if micro_batches < 1:
             raise ValueError("an update needs at least one micro-batch")
         self.engine, self.planned, self.done, self.loss = engine, micro_batches, 0, 0.0
+        self.after_step = after_step
 
     def __enter__(self) -> "ModelUpdate":
         self.engine.train()
@@ -113,6 +115,8 @@ class ModelUpdate:
                 if self.done != self.planned:
                     raise RuntimeError(f"{self.done} backward passes for an update planned with {self.planned}")
                 self.engine.step()
+                if self.after_step is not None:
+                    self.after_step()
         finally:
             self.engine.eval()
 
@@ -194,10 +198,13 @@ class HybridEngine:
         return getattr(self.cfg, self.roles[name].optimizer_section)
 
     def update(self, name: str, micro_batches: int) -> ModelUpdate:
-        """One optimizer step of the trained role ``name`` over ``micro_batches`` backward passes."""
+        """One optimizer step of the trained role ``name`` over ``micro_batches`` backward passes;
+        an actor update that completes marks the rollout engine's weights stale (pushed before the
+        next rollout), so no recipe has to remember it."""
         if not self.trains(name):
             raise RuntimeError(f"the {name} role is frozen in this stage")
-        return ModelUpdate(self.models[name], micro_batches)
+        return ModelUpdate(self.models[name], micro_batches,
+                           after_step=self.mark_actor_updated if name == "actor" else None)
 
     # ------------------------------------------------------------------------------------------
     # construction
@@ -286,6 +293,7 @@ class HybridEngine:
     # rollout
 
     def mark_actor_updated(self):
+        """The actor's weights changed (an update, a loaded checkpoint): push them before the next rollout."""
         self._rollout_needs_sync = self.rollout_class.follows_actor
 
     def iter_actor_weights(self):

@@ -19,7 +19,8 @@ from gadchat.config import load_config
 from gadchat.data import PromptSchedule, encode_response
 from gadchat.batch import SequenceBatch
 from gadchat.models import eos_token_ids, load_generation_config
-from gadchat.stages.common import rollout_seed, sample_temperature, sft_temperature, stage_seed
+from gadchat.stages.base import rollout_seed, stage_seed
+from gadchat.stages.common import sample_temperature, sft_temperature
 
 
 @pytest.fixture(scope="module")

@@ -1,33 +1,19 @@
 """Pieces several stage recipes share: batches, rollouts, the discriminator's Bradley-Terry update,
 reference and teacher log-probs, the teacher diagnostics, the PPO-clip policy update, and ROUGE-L
 evaluation. Each is a plain
-function of the running stage (``run``: :class:`gadchat.trainer.StageTrainer`)."""
+function of the running stage's context (``ctx``: :class:`gadchat.stages.base.StageContext`)."""
 
 from __future__ import annotations
 
 import math
-import zlib
 
 import torch
 
 from gadchat import runtime
 from gadchat.batch import SequenceBatch
-from gadchat.data import eval_data_config, load_teacher_data
 from gadchat.diagnostics import reward_step_metrics
 from gadchat.losses import (bradley_terry_loss, bradley_terry_student_terms, bradley_terry_teacher_gradient,
                             discriminator_metrics, kl_loss, masked_mean, ppo_clip_loss)
-
-
-def stage_seed(seed: int, stage: str) -> int:
-    """Seed of a stage's prompt order and rollout sampling, derived from ``(seed, stage)``: each
-    stage counts its steps from 0, and with the bare seed the GAD stage would replay the warm-up's
-    prompt order and sampling seeds step for step."""
-    return zlib.crc32(f"{stage}:{int(seed)}".encode())
-
-
-def rollout_seed(seed: int, stage: str, step: int, rank: int) -> int:
-    """The sampling seed of one rank's rollout at ``step`` (a pure function: exact resume)."""
-    return stage_seed(seed, stage) * 1_000_003 + step * 1009 + rank
 
 
 def sample_temperature(cfg) -> float:
@@ -43,18 +29,18 @@ def sft_temperature(cfg) -> float:
     return t if cfg.actor.sft_temperature_scaled and t > 0 else 1.0
 
 
-def teacher_batch(run, batch) -> SequenceBatch:
+def teacher_batch(ctx, batch) -> SequenceBatch:
     """The teacher responses of ``batch`` as one ``SequenceBatch``."""
-    return SequenceBatch.build([e.prompt_ids for e in batch], [e.response_ids for e in batch], run.engine.pad_token_id)
+    return SequenceBatch.build([e.prompt_ids for e in batch], [e.response_ids for e in batch], ctx.engine.pad_token_id)
 
 
-def rollout(run, step: int, batch):
+def rollout(ctx, step: int, batch):
     """Sample ``n`` responses per prompt; returns them and their prompt-major ``SequenceBatch``."""
-    n = run.cfg.rollout.n
-    samples = run.engine.generate([e.prompt_ids for e in batch], seed=run.rollout_seed(step))
+    n = ctx.cfg.rollout.n
+    samples = ctx.engine.generate([e.prompt_ids for e in batch], seed=ctx.rollout_seed(step))
     prompts = [e.prompt_ids for e in batch for _ in range(n)]
     responses = [s for group in samples for s in group]
-    return samples, SequenceBatch.build(prompts, responses, run.engine.pad_token_id)
+    return samples, SequenceBatch.build(prompts, responses, ctx.engine.pad_token_id)
 
 
 def response_length_stats(samples: list) -> dict:
@@ -63,14 +49,14 @@ def response_length_stats(samples: list) -> dict:
     return {"response_length/mean": stats["mean"], "response_length/max": stats["max"]}
 
 
-def discriminator_update(run, teacher: SequenceBatch, student: SequenceBatch):
+def discriminator_update(ctx, teacher: SequenceBatch, student: SequenceBatch):
     """Bradley-Terry update of the discriminator (teacher response preferred over each of its
     prompt's ``n`` samples). Micro-batched by prompt (``micro_batch_prompts``: a micro-batch holds
     its prompts' teacher sequences and samples), or by rows under ``micro_batch_tokens``
     (:func:`bradley_terry_by_rows`). Returns the metrics and the student scores of the forward
     pass, taken before this step's update (the GAD stage's rewards)."""
-    engine, n, prompts = run.engine, run.cfg.rollout.n, len(teacher)
-    budget = run.cfg.discriminator.micro_batch_tokens
+    engine, n, prompts = ctx.engine, ctx.cfg.rollout.n, len(teacher)
+    budget = ctx.cfg.discriminator.micro_batch_tokens
     if budget > 0:
         teacher_parts = teacher.micro_batches(0, tokens=budget)
         student_parts = student.micro_batches(0, tokens=budget)
@@ -80,7 +66,7 @@ def discriminator_update(run, teacher: SequenceBatch, student: SequenceBatch):
         with torch.no_grad():
             d_loss = float(bradley_terry_loss(t_all, s_all))
     else:
-        per = max(1, run.cfg.discriminator.micro_batch_prompts)
+        per = max(1, ctx.cfg.discriminator.micro_batch_prompts)
         groups = [list(range(start, min(start + per, prompts))) for start in range(0, prompts, per)]
         t_all, s_all = torch.zeros(prompts), torch.zeros(prompts, n)
         with engine.timer("discriminator_update"), engine.update("discriminator", len(groups)) as update:
@@ -134,59 +120,59 @@ def sample_rows(prompt_rows: torch.Tensor, n: int) -> torch.Tensor:
     return (prompt_rows.unsqueeze(1) * n + torch.arange(n)).reshape(-1)
 
 
-def discriminator_scores(run, teacher: SequenceBatch, student: SequenceBatch):
+def discriminator_scores(ctx, teacher: SequenceBatch, student: SequenceBatch):
     """The discriminator's scores without an update (a frozen discriminator): metrics and the
     student scores ``[prompts, n]``."""
-    mb = max(1, run.cfg.discriminator.micro_batch_prompts) * run.cfg.rollout.n
-    with run.engine.timer("score"):
-        t_all = run.engine.scores_no_grad(teacher, mb)
-        s_all = run.engine.scores_no_grad(student, mb).view(len(teacher), -1)
+    mb = max(1, ctx.cfg.discriminator.micro_batch_prompts) * ctx.cfg.rollout.n
+    with ctx.engine.timer("score"):
+        t_all = ctx.engine.scores_no_grad(teacher, mb)
+        s_all = ctx.engine.scores_no_grad(student, mb).view(len(teacher), -1)
     metrics = {f"discriminator/{k}": v for k, v in discriminator_metrics(t_all, s_all).items()}
     with torch.no_grad():
         metrics["discriminator/d_loss"] = float(bradley_terry_loss(t_all, s_all))
     return metrics, s_all
 
 
-def reference_log_probs(run, student: SequenceBatch) -> torch.Tensor | None:
+def reference_log_probs(ctx, student: SequenceBatch) -> torch.Tensor | None:
     """The frozen reference's log-probs ``[B, T-1]`` of the samples at the sampling temperature
     (``None`` when the stage has no reference: ``actor.kl_coef`` 0)."""
-    if run.engine.reference is None:
+    if ctx.engine.reference is None:
         return None
-    with run.engine.timer("reference_log_probs"):
-        return run.engine.log_probs_no_grad(run.engine.reference, student, run.cfg.actor.micro_batch_size,
-                                            temperature=sample_temperature(run.cfg))
+    with ctx.engine.timer("reference_log_probs"):
+        return ctx.engine.log_probs_no_grad(ctx.engine.reference, student, ctx.cfg.actor.micro_batch_size,
+                                            temperature=sample_temperature(ctx.cfg))
 
 
-def teacher_log_probs(run, student: SequenceBatch) -> torch.Tensor:
+def teacher_log_probs(ctx, student: SequenceBatch) -> torch.Tensor:
     """The teacher role's log-probs ``[B, T-1]`` of the samples on its raw logits (temperature 1:
     the teacher's own distribution)."""
-    with run.engine.timer("teacher_log_probs"):
-        return run.engine.log_probs_no_grad(run.engine.teacher, student, run.cfg.actor.micro_batch_size)
+    with ctx.engine.timer("teacher_log_probs"):
+        return ctx.engine.log_probs_no_grad(ctx.engine.teacher, student, ctx.cfg.actor.micro_batch_size)
 
 
-def teacher_view(run, student: SequenceBatch):
+def teacher_view(ctx, student: SequenceBatch):
     """``(teacher, actor)`` log-probs ``[B, T-1]`` of the rollouts under the teacher role and
     under the distribution they were drawn from (the actor's logits over the rollout
     temperature, whatever ``actor.temperature_scaled_logprobs`` says); ``None`` when the stage
     has no teacher (``model.teacher_path`` empty). Computed once per step for the diagnostics and
     the oracle reward."""
-    if run.engine.teacher is None:
+    if ctx.engine.teacher is None:
         return None
-    t = run.cfg.rollout.temperature
-    with run.engine.timer("diagnostics"):
-        actor = run.engine.log_probs_no_grad(run.engine.actor, student, run.cfg.actor.micro_batch_size,
+    t = ctx.cfg.rollout.temperature
+    with ctx.engine.timer("diagnostics"):
+        actor = ctx.engine.log_probs_no_grad(ctx.engine.actor, student, ctx.cfg.actor.micro_batch_size,
                                              temperature=t if t > 0 else 1.0)
-    return teacher_log_probs(run, student), actor
+    return teacher_log_probs(ctx, student), actor
 
 
-def reward_diagnostics(run, rewards: torch.Tensor, student: SequenceBatch, samples: list, view) -> dict:
+def reward_diagnostics(ctx, rewards: torch.Tensor, student: SequenceBatch, samples: list, view) -> dict:
     """``diag/...`` metrics from :func:`teacher_view`'s ``view`` (empty when it is ``None``)."""
     if view is None:
         return {}
-    return reward_step_metrics(rewards, student.target_mask, *view, samples, run.engine.eos_ids)
+    return reward_step_metrics(rewards, student.target_mask, *view, samples, ctx.engine.eos_ids)
 
 
-def policy_update(run, student: SequenceBatch, advantages: torch.Tensor, ref: torch.Tensor | None,
+def policy_update(ctx, student: SequenceBatch, advantages: torch.Tensor, ref: torch.Tensor | None,
                   old: torch.Tensor | None = None) -> dict:
     """PPO-clip + k3 KL to the reference (+ entropy bonus) over ``actor.ppo_epochs`` x
     ``actor.mini_batches`` optimizer steps of the actor on the student samples.
@@ -195,9 +181,9 @@ def policy_update(run, student: SequenceBatch, advantages: torch.Tensor, ref: to
     token). ``old``: the sampling policy's log-probs ``[B, T-1]``; when ``None`` they are the
     detached current log-probs with a single step per batch (the ratio is exactly 1), otherwise
     computed once before the first update."""
-    a, engine = run.cfg.actor, run.engine
+    a, engine = ctx.cfg.actor, ctx.engine
     rows = len(student)
-    temperature = sample_temperature(run.cfg)
+    temperature = sample_temperature(ctx.cfg)
     if old is None and not (a.ppo_epochs == 1 and a.mini_batches == 1):
         with engine.timer("old_log_probs"):
             old = engine.log_probs_no_grad(engine.actor, student, a.micro_batch_size, temperature)
@@ -233,27 +219,21 @@ def policy_update(run, student: SequenceBatch, advantages: torch.Tensor, ref: to
                             sums["entropy"] += float(ent.detach())
                         update.backward(loss)
                 updates += 1
-    engine.mark_actor_updated()
     out = {f"actor/{k}": v / updates for k, v in sums.items()}
     if a.entropy_coef == 0:
         out.pop("actor/entropy")
     return out
 
 
-def rouge_eval(run) -> dict:
+def rouge_eval(ctx) -> dict:
     """Greedy rollouts on the first ``trainer.eval_prompts`` held-out prompts, ROUGE-L F1 against
     the teacher (SeqKD's optional progress signal)."""
     from gadchat.rouge import rouge_l_f1
 
-    cfg = run.cfg
-    if getattr(run, "eval_examples", None) is None:
-        held_out = cfg.data.eval_split > 0  # the held-out part of train_files, else eval_files
-        run.eval_examples, _ = load_teacher_data(eval_data_config(cfg.data), run.tokenizer,
-                                                 spec=None if held_out else cfg.data.eval_files,
-                                                 max_rows=cfg.trainer.eval_prompts, part="eval")
-    usable = len(run.eval_examples) - len(run.eval_examples) % run.world_size  # equal share per rank:
-    mine = run.eval_examples[:usable][run.rank :: run.world_size]  # ZeRO-3 generate runs in lock-step
-    samples = run.engine.generate([e.prompt_ids for e in mine], seed=0, greedy=True, n=1)
-    texts = [run.tokenizer.decode(g[0], skip_special_tokens=True) for g in samples]
+    examples = ctx.eval_examples
+    usable = len(examples) - len(examples) % ctx.world_size  # equal share per rank:
+    mine = examples[:usable][ctx.rank :: ctx.world_size]  # ZeRO-3 generate runs in lock-step
+    samples = ctx.engine.generate([e.prompt_ids for e in mine], seed=0, greedy=True, n=1)
+    texts = [ctx.tokenizer.decode(g[0], skip_special_tokens=True) for g in samples]
     scores = [rouge_l_f1(text, e.response) for text, e in zip(texts, mine)]
     return {"eval/rouge_l": sum(scores) / max(1, len(scores))}

@@ -1,4 +1,4 @@
-"""White-box on-policy distillation (OPD), for users whose teacher is an open model they can run.
+"""White-box on-policy distillation (OPD), for users whose teacher is an open model they can ctx.
 
 The student samples; the teacher model (a frozen ``teacher`` role, ZeRO-3 like the reference)
 scores every sampled token; the actor minimises the per-token reverse KL to the teacher on its own
@@ -26,7 +26,7 @@ import torch
 
 from gadchat import roles
 from gadchat.stages import common
-from gadchat.stages.base import Recipe
+from gadchat.stages.base import Recipe, StageContext, StepResult
 from gadchat.teacher_metrics import reverse_kl_per_token, teacher_nll_per_token
 
 
@@ -63,12 +63,12 @@ class OPD(Recipe):
                     "the student's tokenizer) in the opd stage, got ''"]
         return []
 
-    def step(self, run, step: int, batch: list) -> dict:
-        cfg, engine = run.cfg, run.engine
-        samples, student = common.rollout(run, step, batch)
+    def step(self, ctx: StageContext, step: int, batch: list) -> StepResult:
+        cfg, engine = ctx.cfg, ctx.engine
+        samples, student = common.rollout(ctx, step, batch)
         mask = student.target_mask
 
-        teacher = common.teacher_log_probs(run, student)
+        teacher = common.teacher_log_probs(ctx, student)
         with engine.timer("old_log_probs"):
             old = engine.log_probs_no_grad(engine.actor, student, cfg.actor.micro_batch_size,
                                            common.sample_temperature(cfg))
@@ -77,7 +77,6 @@ class OPD(Recipe):
         metrics = common.response_length_stats(samples)
         metrics["opd/reverse_kl"] = reverse_kl_per_token(old, teacher, mask)  # sampled, per token
         metrics["opd/teacher_nll"] = teacher_nll_per_token(teacher, mask)
-        ref = common.reference_log_probs(run, student)
-        metrics.update(common.policy_update(run, student, advantages, ref, old=old))
-        metrics["tokens"] = float(student.attention_mask.sum())
-        return metrics
+        ref = common.reference_log_probs(ctx, student)
+        metrics.update(common.policy_update(ctx, student, advantages, ref, old=old))
+        return StepResult(metrics, tokens=float(student.attention_mask.sum()))

@@ -10,7 +10,7 @@ from __future__ import annotations
 from gadchat import roles
 from gadchat.losses import sft_loss
 from gadchat.stages import common
-from gadchat.stages.base import Recipe
+from gadchat.stages.base import Recipe, StageContext, StepResult
 
 
 class SeqKD(Recipe):
@@ -25,9 +25,9 @@ class SeqKD(Recipe):
     def uses_rollout(self, cfg) -> bool:
         return cfg.trainer.eval_every > 0  # only the ROUGE-L evaluation samples
 
-    def step(self, run, step: int, batch: list) -> dict:
-        cfg, engine = run.cfg, run.engine
-        teacher = common.teacher_batch(run, batch)
+    def step(self, ctx: StageContext, step: int, batch: list) -> StepResult:
+        cfg, engine = ctx.cfg, ctx.engine
+        teacher = common.teacher_batch(ctx, batch)
         tokens = float(teacher.target_mask.sum())
         temperature = common.sft_temperature(cfg)
 
@@ -36,9 +36,8 @@ class SeqKD(Recipe):
             for _, part in parts:
                 log_probs, _ = engine.log_probs(engine.actor, part, temperature=temperature)
                 update.backward(sft_loss(log_probs, part.target_mask.to(log_probs.device), denominator=tokens))
-        engine.mark_actor_updated()
 
-        metrics = {"actor/sft_loss": update.loss, "tokens": float(teacher.attention_mask.sum())}
+        metrics = {"actor/sft_loss": update.loss}
         if cfg.trainer.eval_every and (step + 1) % cfg.trainer.eval_every == 0:
-            metrics.update(common.rouge_eval(run))
-        return metrics
+            metrics.update(common.rouge_eval(ctx))
+        return StepResult(metrics, tokens=float(teacher.attention_mask.sum()))

@@ -16,7 +16,7 @@ from __future__ import annotations
 from gadchat import roles
 from gadchat.losses import kl_loss, sft_loss
 from gadchat.stages import common
-from gadchat.stages.base import Recipe
+from gadchat.stages.base import Recipe, StageContext, StepResult
 
 
 class Warmup(Recipe):
@@ -33,20 +33,20 @@ class Warmup(Recipe):
             out["teacher"] = roles.teacher()
         return out
 
-    def step(self, run, step: int, batch: list) -> dict:
-        cfg, engine, a = run.cfg, run.engine, run.cfg.actor
-        teacher = common.teacher_batch(run, batch)
-        samples, student = common.rollout(run, step, batch)
+    def step(self, ctx: StageContext, step: int, batch: list) -> StepResult:
+        cfg, engine, a = ctx.cfg, ctx.engine, ctx.cfg.actor
+        teacher = common.teacher_batch(ctx, batch)
+        samples, student = common.rollout(ctx, step, batch)
 
         # discriminator: every step
-        metrics, scores = common.discriminator_update(run, teacher, student)
+        metrics, scores = common.discriminator_update(ctx, teacher, student)
         metrics.update(common.response_length_stats(samples))
-        metrics.update(common.reward_diagnostics(run, scores, student, samples, common.teacher_view(run, student)))
+        metrics.update(common.reward_diagnostics(ctx, scores, student, samples, common.teacher_view(ctx, student)))
 
         # actor: SFT on the teacher (+ KL to the reference on the samples), once past the gate
         metrics["actor/updated"] = float(step >= cfg.trainer.discriminator_warmup)
         if step >= cfg.trainer.discriminator_warmup:
-            ref = common.reference_log_probs(run, student)  # None without a reference (kl_coef 0)
+            ref = common.reference_log_probs(ctx, student)  # None without a reference (kl_coef 0)
             sft_parts = teacher.micro_batches(a.micro_batch_size, tokens=a.micro_batch_tokens)
             kl_parts = student.micro_batches(a.micro_batch_size, tokens=a.micro_batch_tokens) if ref is not None else []
             sft_tokens = float(teacher.target_mask.sum())
@@ -62,10 +62,8 @@ class Warmup(Recipe):
                     kl = kl_loss(log_probs, ref_part, part.target_mask.to(log_probs.device), denominator=kl_tokens)
                     kl_values.append(float(kl.detach()))
                     update.backward(a.kl_coef * kl)
-            engine.mark_actor_updated()
             kl = sum(kl_values)
             metrics["actor/sft_loss"] = update.loss - a.kl_coef * kl
             if kl_parts:
                 metrics["actor/kl"] = kl
-        metrics["tokens"] = float(student.attention_mask.sum() + teacher.attention_mask.sum())
-        return metrics
+        return StepResult(metrics, tokens=float(student.attention_mask.sum() + teacher.attention_mask.sum()))
