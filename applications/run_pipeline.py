@@ -82,7 +82,8 @@ def run_stage(stage: str, args, output_dir: Path, init_from: Path | None, extra:
 
 def eval_plan(args, extra: list) -> tuple:
     """``(evaluate flags, stage flags, description)`` of the evaluation set (see the module docstring)."""
-    from gadchat.config import DataConfig, load_config
+    from gadchat.config import DataConfig
+    from gadchat.stages.configure import load_config
 
     data = load_config(extra).data  # the stages' data section, as their flags set it
     published = DataConfig()

@@ -233,14 +233,6 @@ class GADConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
 
-    def validate(self) -> "GADConfig":
-        """Every value with a range or a choice, checked before anything is built; the error lists
-        all problems on one line, each naming its flag."""
-        problems = value_problems(self)
-        if problems:
-            raise ValueError("invalid configuration: " + "; ".join(problems))
-        return self
-
     def check_paths(self) -> "GADConfig":
         """Local paths the run reads (model folders, DeepSpeed JSON, output dir), checked before any
         engine is built; raises ValueError naming the flag."""
@@ -257,8 +249,11 @@ def _finite(value) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 
-def value_problems(cfg: "GADConfig") -> list:
-    """Pure: the flags of ``cfg`` whose values are out of range, as ``--flag must ..., got X`` texts."""
+def value_problems(cfg: "GADConfig", trained_sections=("actor", "discriminator")) -> list:
+    """Pure: the flags of ``cfg`` whose values are out of range, as ``--flag must ..., got X`` texts.
+    ``trained_sections``: the optimizer sections of the roles the stage trains (their ``lr`` is
+    checked). The stage's own rules (its name, GAD's ``n >= 2``, ...) are the stage layer's
+    (:func:`gadchat.stages.configure.validate`)."""
     problems = []
 
     def need(ok: bool, flag: str, rule: str, value):
@@ -283,10 +278,6 @@ def value_problems(cfg: "GADConfig") -> list:
         need(value in options, flag, "one of " + ", ".join(map(str, options)), value)
 
     t, r, d, a, c = cfg.trainer, cfg.rollout, cfg.data, cfg.actor, cfg.discriminator
-    from gadchat.stages import RECIPES
-
-    choice("trainer.stage", t.stage, tuple(RECIPES))
-    recipe = RECIPES.get(t.stage)
     choice("rollout.backend", r.backend, ("auto", "vllm", "hf"))
     choice("discriminator.pooling", c.pooling, ("last", "sum", "mean"))
     need(not t.oracle_reward or bool(cfg.model.teacher_path), "trainer.oracle_reward",
@@ -309,10 +300,8 @@ def value_problems(cfg: "GADConfig") -> list:
     number("rollout.sync_bucket_mb", r.sync_bucket_mb, 0, low_open=True)
     number("rollout.hf_micro_batch_size", r.hf_micro_batch_size, 1)
     # optimizers
-    stage_roles = recipe.roles(cfg) if recipe is not None else {}
-    trained = {role.optimizer_section for role in stage_roles.values() if role.trains}
     for name, section in (("actor", a), ("discriminator", c)):
-        if name in trained:
+        if name in trained_sections:
             number(f"{name}.lr", section.lr, 0)  # 0 = weights held (hand-off probes); negative is refused
         number(f"{name}.weight_decay", section.weight_decay, 0)
         number(f"{name}.grad_clip", section.grad_clip, 0)
@@ -349,8 +338,6 @@ def value_problems(cfg: "GADConfig") -> list:
     number("trainer.eval_every", t.eval_every, 0)
     number("trainer.eval_prompts", t.eval_prompts, 1)
     need(bool(str(t.resume).strip()), "trainer.resume", "auto, none or a checkpoint folder", t.resume)
-    if recipe is not None:  # the stage's own rules (e.g. GAD's n >= 2)
-        problems.extend(recipe.config_problems(cfg))
     return problems
 
 
@@ -451,18 +438,13 @@ def apply_overrides(cfg: GADConfig, overrides: dict, source: str) -> GADConfig:
     return cfg
 
 
-def build_parser(description: str = "GAD-Chat training", stage: str | None = None) -> argparse.ArgumentParser:
-    """Every field as ``--section.field``, its help the field's doc and its default (the stage's
-    published default where ``stage`` has one)."""
+def build_parser(description: str = "GAD-Chat training", defaults: GADConfig | None = None) -> argparse.ArgumentParser:
+    """Every field as ``--section.field``, its help the field's doc and its default (from
+    ``defaults``: a stage's published defaults, :func:`gadchat.stages.configure.build_parser`)."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", default="", help="YAML file with the same sections as the flags")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
-    defaults = GADConfig()
-    if stage is not None:
-        from gadchat.stages import RECIPES
-
-        if stage in RECIPES:
-            apply_overrides(defaults, RECIPES[stage].defaults, f"stage defaults ({stage})")
+    defaults = defaults if defaults is not None else GADConfig()
     for section_name, obj in _sections(defaults):
         group = parser.add_argument_group(section_name)
         for f in dataclasses.fields(obj):
@@ -477,9 +459,11 @@ def build_parser(description: str = "GAD-Chat training", stage: str | None = Non
     return parser
 
 
-def load_config(argv=None, stage: str | None = None, description: str = "GAD-Chat training") -> GADConfig:
-    """Defaults, then the stage's published defaults, then ``--config`` YAML, then flags."""
-    parser = build_parser(description, stage)
+def parse_config(argv, stage: str | None, parser: argparse.ArgumentParser, stage_defaults) -> GADConfig:
+    """Pure parsing, unvalidated: the dataclass defaults, then ``stage_defaults(name)`` (the chosen
+    stage's published values, ``{section: {field: value}}``), then ``--config`` YAML, then flags.
+    The stage is ``stage`` (an entry point's), else ``--trainer.stage``, else the YAML's, else
+    ``warmup``. Validation and the stage layer: :func:`gadchat.stages.configure.load_config`."""
     args = parser.parse_args(argv)
     cfg = GADConfig()
     from_yaml = {}
@@ -505,10 +489,7 @@ def load_config(argv=None, stage: str | None = None, description: str = "GAD-Cha
     yaml_stage = yaml_trainer.get("stage") if isinstance(yaml_trainer, dict) else None
     yaml_stage = yaml_stage if isinstance(yaml_stage, str) else None
     chosen_stage = stage or getattr(args, "trainer.stage") or yaml_stage or "warmup"
-    from gadchat.stages import RECIPES
-
-    if chosen_stage in RECIPES:  # an unknown name is refused by validate(), naming the stages
-        apply_overrides(cfg, RECIPES[chosen_stage].defaults, f"stage defaults ({chosen_stage})")
+    apply_overrides(cfg, stage_defaults(chosen_stage), f"stage defaults ({chosen_stage})")
     cfg.trainer.stage = chosen_stage
     if args.config:
         apply_overrides(cfg, from_yaml, str(path))
@@ -522,7 +503,7 @@ def load_config(argv=None, stage: str | None = None, description: str = "GAD-Cha
     apply_overrides(cfg, flags, "command line")
     if stage and cfg.trainer.stage != stage:
         raise ValueError(f"this entry point runs the {stage!r} stage; got --trainer.stage {cfg.trainer.stage}")
-    return cfg.validate()
+    return cfg
 
 
 def save_config(cfg: GADConfig, path: str | Path) -> None:

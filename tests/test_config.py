@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from gadchat.config import (GADConfig, build_parser, config_from_dict, load_config, save_config)
+from gadchat.config import GADConfig, config_from_dict, save_config
+from gadchat.stages.configure import build_parser, load_config, validate
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -308,7 +309,7 @@ def test_validate_rejects_bad_values(section, name, value, text):
     cfg = GADConfig()
     setattr(getattr(cfg, section), name, value)
     with pytest.raises(ValueError, match="invalid configuration") as info:
-        cfg.validate()
+        validate(cfg)
     assert text in str(info.value)
 
 
@@ -316,7 +317,7 @@ def test_validate_reports_all_problems_and_runs_on_flags():
     cfg = GADConfig()
     cfg.trainer.stage, cfg.rollout.backend, cfg.deepspeed.zero_stage = "x", "y", 9
     with pytest.raises(ValueError) as info:
-        cfg.validate()
+        validate(cfg)
     message = str(info.value)
     assert "trainer.stage" in message and "rollout.backend" in message and "deepspeed.zero_stage" in message
     with pytest.raises(ValueError, match="deepspeed.zero_stage must be one of 0, 1, 2, 3, got 5"):
@@ -326,8 +327,8 @@ def test_validate_reports_all_problems_and_runs_on_flags():
     with pytest.raises(ValueError, match="trainer.stage must be one of"):
         load_config(["--trainer.stage", "rlhf"])
     for stage in ("seqkd", "warmup", "gad"):
-        assert GADConfig().validate() is not None
-        assert load_config([], stage=stage).validate().trainer.stage == stage
+        assert validate(GADConfig()) is not None
+        assert validate(load_config([], stage=stage)).trainer.stage == stage
 
 
 # ----------------------------------------------------------------------------------------------

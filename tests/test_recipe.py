@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from conftest import HAS_VLLM, REPO, launch, read_metrics, subprocess_env, tiny_args
-from gadchat.config import load_config
+from gadchat.stages.configure import load_config
 from gadchat.data import PromptSchedule, encode_response
 from gadchat.batch import SequenceBatch
 from gadchat.models import eos_token_ids, load_generation_config

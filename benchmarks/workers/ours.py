@@ -17,7 +17,7 @@ def build():
     from gadchat import runtime
 
     runtime.set_process_defaults()
-    from gadchat.config import load_config
+    from gadchat.stages.configure import load_config
     from gadchat.trainer import StageTrainer
 
     cfg = load_config(sys.argv[1:], stage="gad")

@@ -18,7 +18,7 @@ runtime.set_process_defaults()
 
 from deepspeed.utils import safe_get_full_grad  # noqa: E402
 
-from gadchat.config import load_config  # noqa: E402
+from gadchat.stages.configure import load_config  # noqa: E402
 from gadchat.stages.common import teacher_batch  # noqa: E402
 from gadchat.trainer import StageTrainer  # noqa: E402
 
