@@ -109,6 +109,7 @@ def stage_plan(arm: str, args) -> list:
 def train_seed(seed: int, arms: list, paths: dict, args, extra: list) -> dict:
     """Run the arms' stages for one seed (a shared warm-up runs once); returns run folders by name."""
     from applications.run_pipeline import run_stage
+    from gadchat.stages import recipe
 
     root = Path(args.output_dir).resolve() / f"seed{seed}"
     runs, wall = {}, {}
@@ -120,7 +121,8 @@ def train_seed(seed: int, arms: list, paths: dict, args, extra: list) -> dict:
             output = root / name / "run"
             common = ["--config", RECIPE, "--data.train_files", paths["train"], "--data.eval_files", paths["test"],
                       "--trainer.seed", seed, "--trainer.tensorboard", "true"]
-            if stage == "opd" or (stage != "seqkd" and not args.no_diagnostics):  # opd trains on the teacher
+            reads = recipe(stage).teacher_model  # "required": opd trains on the teacher; "optional": diag/
+            if reads == "required" or (reads == "optional" and not args.no_diagnostics):
                 common += ["--model.teacher_path", paths["teacher"]]
             init = runs[init_name] if init_name else None
             wall[name] = run_stage(stage, launcher, output, init, [str(v) for v in common + flags + extra])

@@ -28,6 +28,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOYMENTS = ("cpu", "single_gpu", "single_node", "multi_node")
+METHOD = "gad"  # the last stage of the method; the stages it starts from run first (their init_from_stage)
+BASELINE = "seqkd"  # --with-seqkd
 
 
 def stage_script(stage: str, deployment: str) -> Path:
@@ -143,11 +145,13 @@ def main(argv=None) -> int:
     else:
         student = args.model
 
+    from gadchat.stages import handoff_chain, recipe
+
     wall = {}
-    stages = (["seqkd"] if args.with_seqkd else []) + ["warmup", "gad"]
+    stages = ([BASELINE] if args.with_seqkd else []) + handoff_chain(METHOD)
     for stage in stages:
-        init_from = out / "warmup" if stage == "gad" else None
-        wall[stage] = run_stage(stage, args, out / stage, init_from, extra)
+        source = recipe(stage).init_from_stage
+        wall[stage] = run_stage(stage, args, out / stage, out / source if source else None, extra)
 
     max_new = args.eval_max_new_tokens or (48 if args.deployment == "cpu" else 1536)
     models = [f"student={student}"] + [f"{stage}={out / stage}" for stage in stages]

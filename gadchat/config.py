@@ -172,7 +172,9 @@ class TrainerConfig:
     max_steps: int = 0
     """0 = as many steps as ``epochs`` allow."""
     discriminator_warmup: int = 10
-    """Warm-up stage: the actor's SFT update runs only once step >= discriminator_warmup."""
+    """The actor's update (warm-up: SFT; GAD: the policy gradient) runs only once step >=
+    discriminator_warmup; the discriminator trains from step 0. The official GAD recipe and verl
+    call it ``trainer.critic_warmup``, accepted as an alias (flag and YAML)."""
     seed: int = 42
     output_dir: str = "outputs/run"
     init_from: str = ""
@@ -420,8 +422,24 @@ def _sections(cfg: GADConfig):
         yield section.name, getattr(cfg, section.name)
 
 
+ALIASES = {"trainer.critic_warmup": "trainer.discriminator_warmup"}
+"""Published names (the official GAD recipe, verl) accepted for our fields, as flags and in YAML."""
+
+
+def _field_name(section_name: str, key: str, values: dict, source: str) -> str:
+    """The field ``key`` of a section's ``values`` stands for (an alias names its field)."""
+    target = ALIASES.get(f"{section_name}.{key}")
+    if target is None:
+        return key
+    field_name = target.split(".", 1)[1]
+    if field_name in values:
+        raise ValueError(f"{source}: {section_name}.{key} and {target} name the same field; give one")
+    return field_name
+
+
 def apply_overrides(cfg: GADConfig, overrides: dict, source: str) -> GADConfig:
-    """Set ``{section: {field: value}}`` on ``cfg``; unknown keys are errors naming ``source``."""
+    """Set ``{section: {field: value}}`` on ``cfg`` (an alias of :data:`ALIASES` sets its field);
+    unknown keys are errors naming ``source``."""
     sections = dict(_sections(cfg))
     for section_name, values in (overrides or {}).items():
         if section_name not in sections:
@@ -431,6 +449,7 @@ def apply_overrides(cfg: GADConfig, overrides: dict, source: str) -> GADConfig:
         obj = sections[section_name]
         known = {f.name: f for f in dataclasses.fields(obj)}
         for key, value in values.items():
+            key = _field_name(section_name, key, values, source)
             if key not in known:
                 raise ValueError(f"{source}: unknown field {section_name}.{key}")
             kind = _field_type(type(obj), known[key])
@@ -449,9 +468,10 @@ def build_parser(description: str = "GAD-Chat training", defaults: GADConfig | N
         group = parser.add_argument_group(section_name)
         for f in dataclasses.fields(obj):
             kind = _field_type(type(obj), f)
+            name = f"{section_name}.{f.name}"
             group.add_argument(
-                f"--{section_name}.{f.name}",
-                dest=f"{section_name}.{f.name}",
+                f"--{name}", *(f"--{alias}" for alias, target in ALIASES.items() if target == name),
+                dest=name,
                 type=_parse_bool if kind is bool else kind,
                 default=None,
                 help=f"{help_text(type(obj), f.name)} (default: {getattr(obj, f.name)!r})".lstrip(),

@@ -469,3 +469,15 @@ def test_paths_are_checked_before_any_engine(tmp_path):
         load_config(["--deepspeed.config_file", str(broken)]).check_paths()
     with pytest.raises(ValueError, match=r"--trainer.init_from .*: no such folder"):
         load_config(["--trainer.init_from", str(tmp_path / "none")], stage="gad").check_paths()
+
+
+def test_the_official_name_critic_warmup_is_an_alias_in_flags_yaml_and_help(tmp_path):
+    """The official GAD recipe and verl call the actor gate ``trainer.critic_warmup``."""
+    assert load_config(["--trainer.critic_warmup", "4"], stage="warmup").trainer.discriminator_warmup == 4
+    config = tmp_path / "official.yaml"
+    config.write_text("trainer:\n  critic_warmup: 7\n")
+    assert load_config(["--config", str(config)], stage="gad").trainer.discriminator_warmup == 7
+    config.write_text("trainer:\n  critic_warmup: 7\n  discriminator_warmup: 3\n")
+    with pytest.raises(ValueError, match="critic_warmup and trainer.discriminator_warmup name the same field"):
+        load_config(["--config", str(config)])
+    assert "--trainer.critic_warmup" in build_parser(stage="gad").format_help()

@@ -19,6 +19,7 @@ from gadchat.stages.configure import load_config
 from gadchat.data import PromptSchedule, encode_response
 from gadchat.batch import SequenceBatch
 from gadchat.models import eos_token_ids, load_generation_config
+from gadchat.stages import STAGES
 from gadchat.stages.base import rollout_seed, stage_seed
 from gadchat.stages.common import sample_temperature, sft_temperature
 
@@ -138,8 +139,8 @@ def test_special_token_strings_inside_a_teacher_answer_stay_text(tokenizer):
 
 
 def test_stages_do_not_replay_each_others_prompt_order_or_rollout_seeds():
-    seeds = {stage: stage_seed(42, stage) for stage in ("seqkd", "warmup", "gad")}
-    assert len(set(seeds.values())) == 3
+    seeds = {stage: stage_seed(42, stage) for stage in STAGES}
+    assert len(set(seeds.values())) == len(STAGES) >= 4
     assert stage_seed(42, "gad") == stage_seed(42, "gad") and stage_seed(43, "gad") != seeds["gad"]
     orders = {stage: [PromptSchedule(700, 8, 1, 0, seed).global_indices(step) for step in range(5)]
               for stage, seed in seeds.items()}
@@ -202,3 +203,20 @@ def test_gad_stage_honours_discriminator_warmup(tiny_model, tmp_path):
     assert first["digest/discriminator"] != initial["digest/discriminator"]  # the discriminator trains meanwhile
     assert second["actor/updated"] == 1.0 and "actor/pg_loss" in second
     assert second["digest/actor"] != first["digest/actor"]
+
+
+# ----------------------------------------------------------------------------------------------
+# (f) the registry declares the hand-offs
+
+
+def test_each_stage_starts_from_an_earlier_registered_stage_or_the_model():
+    from gadchat.stages import RECIPES, handoff_chain
+
+    order = list(RECIPES)
+    for name, stage in RECIPES.items():
+        if stage.init_from_stage is not None:
+            assert order.index(stage.init_from_stage) < order.index(name), name
+        assert stage.teacher_model in ("", "optional", "required"), name
+        chain = handoff_chain(name)
+        assert chain[-1] == name and len(set(chain)) == len(chain)
+    assert handoff_chain("gad") == ["warmup", "gad"] and handoff_chain("seqkd") == ["seqkd"]

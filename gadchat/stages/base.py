@@ -15,6 +15,7 @@ from __future__ import annotations
 import zlib
 from dataclasses import dataclass
 
+from gadchat import roles as role_kinds
 from gadchat.data import eval_data_config, load_teacher_data
 
 
@@ -79,10 +80,22 @@ class Recipe:
     init_from_stage: str | None = None
     """The stage whose ``final/`` export this one starts from in the pipeline (``None``: from the
     configured model)."""
+    teacher_model: str = ""
+    """How the stage uses a teacher model (``--model.teacher_path``): ``""`` not at all,
+    ``"optional"`` read only when one is given (the ``diag/`` metrics), ``"required"`` (it trains
+    on the teacher's log-probs)."""
 
     def roles(self, cfg) -> dict:
         """``{name: Role}`` of the models this stage builds with ``cfg``."""
         raise NotImplementedError
+
+    def frozen_roles(self, cfg) -> dict:
+        """The frozen roles a stage adds to its trained ones: the reference when ``actor.kl_coef``
+        > 0 (the k3 KL), the teacher as :attr:`teacher_model` says."""
+        out = {"reference": role_kinds.reference()} if cfg.actor.kl_coef > 0 else {}
+        if self.teacher_model == "required" or (self.teacher_model == "optional" and cfg.model.teacher_path):
+            out["teacher"] = role_kinds.teacher()
+        return out
 
     def uses_rollout(self, cfg) -> bool:
         """Whether the stage samples from the student (builds the rollout engine)."""

@@ -27,14 +27,12 @@ class GAD(Recipe):
     step_folder = "step3_gad"
     summary = "GAD: GRPO policy gradient on the discriminator's scores, discriminator keeps training"
     defaults = {"trainer": {"discriminator_warmup": 0, "epochs": 2.0}}
+    init_from_stage = "warmup"
+    teacher_model = "optional"  # read only: the diag/ metrics and --trainer.oracle_reward
 
     def roles(self, cfg) -> dict:
-        out = {"actor": roles.actor(), "discriminator": roles.discriminator(trains=not cfg.discriminator.freeze)}
-        if cfg.actor.kl_coef > 0:
-            out["reference"] = roles.reference()
-        if cfg.model.teacher_path:  # read only: the diag/ metrics and --trainer.oracle_reward
-            out["teacher"] = roles.teacher()
-        return out
+        return {"actor": roles.actor(), "discriminator": roles.discriminator(trains=not cfg.discriminator.freeze),
+                **self.frozen_roles(cfg)}
 
     def config_problems(self, cfg) -> list:
         n = cfg.rollout.n

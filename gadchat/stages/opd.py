@@ -51,11 +51,10 @@ class OPD(Recipe):
     summary = "white-box on-policy distillation: per-token reverse KL to a teacher model we run"
     defaults = {"rollout": {"temperature": 1.0}, "actor": {"kl_coef": 0.0}, "trainer": {"epochs": 2.0}}
 
+    teacher_model = "required"
+
     def roles(self, cfg) -> dict:
-        out = {"actor": roles.actor(), "teacher": roles.teacher()}
-        if cfg.actor.kl_coef > 0:
-            out["reference"] = roles.reference()
-        return out
+        return {"actor": roles.actor(), **self.frozen_roles(cfg)}
 
     def config_problems(self, cfg) -> list:
         if not str(cfg.model.teacher_path).strip():

@@ -25,13 +25,10 @@ class Warmup(Recipe):
     summary = "GAD warm-up: discriminator Bradley-Terry updates, gated actor SFT on the teacher"
     defaults = {"trainer": {"discriminator_warmup": 10}}
 
+    teacher_model = "optional"  # read only, for the diag/ metrics
+
     def roles(self, cfg) -> dict:
-        out = {"actor": roles.actor(), "discriminator": roles.discriminator()}
-        if cfg.actor.kl_coef > 0:
-            out["reference"] = roles.reference()
-        if cfg.model.teacher_path:  # read only, for the diag/ metrics
-            out["teacher"] = roles.teacher()
-        return out
+        return {"actor": roles.actor(), "discriminator": roles.discriminator(), **self.frozen_roles(cfg)}
 
     def step(self, ctx: StageContext, step: int, batch: list) -> StepResult:
         cfg, engine, a = ctx.cfg, ctx.engine, ctx.cfg.actor
