@@ -251,95 +251,83 @@ def _finite(value) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 
+CHOICES = (
+    ("rollout.backend", ("auto", "vllm", "hf")),
+    ("discriminator.pooling", ("last", "sum", "mean")),
+    ("data.overlong", ("skip", "error")),
+    ("deepspeed.zero_stage", (0, 1, 2, 3)),
+    ("model.dtype", DTYPES),
+    ("trainer.on_nonfinite", ("error", "skip")),
+)
+"""Fields with a fixed set of values."""
+RANGES = (  # (flag, low, high or None, low excluded); high is inclusive
+    ("rollout.temperature", 0, None, True), ("rollout.top_p", 0, 1, True), ("rollout.max_new_tokens", 1, None, False),
+    ("rollout.vllm_gpu_memory_utilization", 0, 1, True), ("rollout.vllm_cpu_kvcache_gib", 0, None, True),
+    ("rollout.tensor_parallel_size", 1, None, False), ("rollout.sync_bucket_mb", 0, None, True),
+    ("rollout.hf_micro_batch_size", 1, None, False),
+    ("actor.weight_decay", 0, None, False), ("actor.grad_clip", 0, None, False),
+    ("discriminator.weight_decay", 0, None, False), ("discriminator.grad_clip", 0, None, False),
+    ("actor.micro_batch_size", 1, None, False), ("actor.clip_eps", 0, None, True), ("actor.kl_coef", 0, None, False),
+    ("actor.entropy_coef", 0, None, False), ("actor.ppo_epochs", 1, None, False), ("actor.mini_batches", 1, None, False),
+    ("discriminator.micro_batch_prompts", 1, None, False), ("discriminator.micro_batch_tokens", 0, None, False),
+    ("actor.micro_batch_tokens", 0, None, False), ("discriminator.head_init_std", 0, None, False),
+    ("data.max_prompt_tokens", 1, None, False), ("data.max_response_tokens", 1, None, False),
+    ("data.max_rows", 0, None, False),
+    ("trainer.prompts_per_step", 1, None, False), ("trainer.epochs", 0, None, True), ("trainer.max_steps", 0, None, False),
+    ("trainer.discriminator_warmup", 0, None, False), ("trainer.save_every", 0, None, False),
+    ("trainer.keep_last", 1, None, False), ("trainer.log_every", 1, None, False), ("trainer.eval_every", 0, None, False),
+    ("trainer.eval_prompts", 1, None, False),
+)
+"""Numeric fields that must be finite and within a range."""
+NON_EMPTY = (("model.actor_path", "a hub id or a folder"), ("data.train_files", "one or more files"),
+             ("trainer.output_dir", "a folder"), ("trainer.resume", "auto, none or a checkpoint folder"))
+"""Text fields that must name something."""
+
+
+def _value(cfg: "GADConfig", flag: str):
+    section, name = flag.split(".", 1)
+    return getattr(getattr(cfg, section), name)
+
+
+def _range_problem(flag: str, value, low, high, low_open: bool) -> str | None:
+    """``--flag must be ..., got X`` when ``value`` is not a finite number within the range, else None."""
+    if _finite(value) and (value > low if low_open else value >= low) and (high is None or value <= high):
+        return None
+    rule = f"{'>' if low_open else '>='} {low}" + (f" and <= {high}" if high is not None else "")
+    return f"--{flag} must be {rule}, got {value!r}"
+
+
+def _betas_ok(text) -> bool:
+    try:
+        betas = parse_betas(text)
+    except ValueError:
+        return False
+    return len(betas) == 2 and all(0 <= b < 1 for b in betas)
+
+
 def value_problems(cfg: "GADConfig", trained_sections=("actor", "discriminator")) -> list:
     """Pure: the flags of ``cfg`` whose values are out of range, as ``--flag must ..., got X`` texts.
     ``trained_sections``: the optimizer sections of the roles the stage trains (their ``lr`` is
     checked). The stage's own rules (its name, GAD's ``n >= 2``, ...) are the stage layer's
     (:func:`gadchat.stages.configure.validate`)."""
-    problems = []
-
-    def need(ok: bool, flag: str, rule: str, value):
-        if not ok:
-            problems.append(f"--{flag} must be {rule}, got {value!r}")
-
-    def number(flag: str, value, low=None, high=None, low_open=False, high_open=False):
-        ok = _finite(value)
-        if ok and low is not None:
-            ok = value > low if low_open else value >= low
-        if ok and high is not None:
-            ok = value < high if high_open else value <= high
-        if low is not None and high is not None:
-            rule = f"{'>' if low_open else '>='} {low} and {'<' if high_open else '<='} {high}"
-        elif low is not None:
-            rule = f"{'>' if low_open else '>='} {low}"
-        else:
-            rule = "a finite number"
-        need(ok, flag, rule, value)
-
-    def choice(flag: str, value, options):
-        need(value in options, flag, "one of " + ", ".join(map(str, options)), value)
-
-    t, r, d, a, c = cfg.trainer, cfg.rollout, cfg.data, cfg.actor, cfg.discriminator
-    choice("rollout.backend", r.backend, ("auto", "vllm", "hf"))
-    choice("discriminator.pooling", c.pooling, ("last", "sum", "mean"))
-    need(not t.oracle_reward or bool(cfg.model.teacher_path), "trainer.oracle_reward",
-         "false unless --model.teacher_path names the teacher whose log-ratio is the reward", t.oracle_reward)
-    choice("data.overlong", d.overlong, ("skip", "error"))
-    choice("deepspeed.zero_stage", cfg.deepspeed.zero_stage, (0, 1, 2, 3))
-    choice("model.dtype", cfg.model.dtype, DTYPES)
-    choice("trainer.on_nonfinite", t.on_nonfinite, ("error", "skip"))
-    need(bool(str(cfg.model.actor_path).strip()), "model.actor_path", "a hub id or a folder", cfg.model.actor_path)
-    need(bool(str(d.train_files).strip()), "data.train_files", "one or more files", d.train_files)
-    need(bool(str(t.output_dir).strip()), "trainer.output_dir", "a folder", t.output_dir)
-    # rollout
-    need(isinstance(r.n, int) and r.n >= 1, "rollout.n", ">= 1", r.n)
-    number("rollout.temperature", r.temperature, 0, low_open=True)
-    number("rollout.top_p", r.top_p, 0, 1, low_open=True)
-    number("rollout.max_new_tokens", r.max_new_tokens, 1)
-    number("rollout.vllm_gpu_memory_utilization", r.vllm_gpu_memory_utilization, 0, 1, low_open=True)
-    number("rollout.vllm_cpu_kvcache_gib", r.vllm_cpu_kvcache_gib, 0, low_open=True)
-    number("rollout.tensor_parallel_size", r.tensor_parallel_size, 1)
-    number("rollout.sync_bucket_mb", r.sync_bucket_mb, 0, low_open=True)
-    number("rollout.hf_micro_batch_size", r.hf_micro_batch_size, 1)
-    # optimizers
-    for name, section in (("actor", a), ("discriminator", c)):
-        if name in trained_sections:
-            number(f"{name}.lr", section.lr, 0)  # 0 = weights held (hand-off probes); negative is refused
-        number(f"{name}.weight_decay", section.weight_decay, 0)
-        number(f"{name}.grad_clip", section.grad_clip, 0)
-        try:
-            betas = parse_betas(section.betas)
-            ok = len(betas) == 2 and all(0 <= b < 1 for b in betas)
-        except ValueError:
-            ok = False
-        need(ok, f"{name}.betas", "two comma-separated numbers in [0, 1), e.g. 0.9,0.999", section.betas)
-    number("actor.micro_batch_size", a.micro_batch_size, 1)
-    number("actor.clip_eps", a.clip_eps, 0, low_open=True)
-    number("actor.kl_coef", a.kl_coef, 0)
-    number("actor.entropy_coef", a.entropy_coef, 0)
-    number("actor.ppo_epochs", a.ppo_epochs, 1)
-    number("actor.mini_batches", a.mini_batches, 1)
-    number("discriminator.micro_batch_prompts", c.micro_batch_prompts, 1)
-    number("discriminator.micro_batch_tokens", c.micro_batch_tokens, 0)
-    number("actor.micro_batch_tokens", a.micro_batch_tokens, 0)
-    number("discriminator.head_init_std", c.head_init_std, 0)
-    # data
-    number("data.max_prompt_tokens", d.max_prompt_tokens, 1)
-    number("data.max_response_tokens", d.max_response_tokens, 1)
-    number("data.max_rows", d.max_rows, 0)
-    need(_finite(d.eval_split) and (d.eval_split == 0 or 0 < d.eval_split < 1), "data.eval_split",
-         "0 (off) or a fraction > 0 and < 1", d.eval_split)
-    # trainer
-    number("trainer.prompts_per_step", t.prompts_per_step, 1)
-    number("trainer.epochs", t.epochs, 0, low_open=True)
-    number("trainer.max_steps", t.max_steps, 0)
-    number("trainer.discriminator_warmup", t.discriminator_warmup, 0)
-    number("trainer.save_every", t.save_every, 0)
-    number("trainer.keep_last", t.keep_last, 1)
-    number("trainer.log_every", t.log_every, 1)
-    number("trainer.eval_every", t.eval_every, 0)
-    number("trainer.eval_prompts", t.eval_prompts, 1)
-    need(bool(str(t.resume).strip()), "trainer.resume", "auto, none or a checkpoint folder", t.resume)
+    problems = [f"--{flag} must be one of {', '.join(map(str, options))}, got {_value(cfg, flag)!r}"
+                for flag, options in CHOICES if _value(cfg, flag) not in options]
+    problems += [f"--{flag} must be {rule}, got {_value(cfg, flag)!r}"
+                 for flag, rule in NON_EMPTY if not str(_value(cfg, flag)).strip()]
+    if cfg.trainer.oracle_reward and not cfg.model.teacher_path:
+        problems.append("--trainer.oracle_reward must be false unless --model.teacher_path names the teacher whose "
+                        f"log-ratio is the reward, got {cfg.trainer.oracle_reward!r}")
+    if not (isinstance(cfg.rollout.n, int) and cfg.rollout.n >= 1):
+        problems.append(f"--rollout.n must be >= 1, got {cfg.rollout.n!r}")
+    lr_ranges = tuple((f"{name}.lr", 0, None, False) for name in trained_sections)  # 0: weights held (probes)
+    problems += [text for flag, low, high, low_open in lr_ranges + RANGES
+                 if (text := _range_problem(flag, _value(cfg, flag), low, high, low_open))]
+    problems += [f"--{name}.betas must be two comma-separated numbers in [0, 1), e.g. 0.9,0.999, got "
+                 f"{getattr(cfg, name).betas!r}" for name in ("actor", "discriminator")
+                 if not _betas_ok(getattr(cfg, name).betas)]
+    split = cfg.data.eval_split
+    if not (_finite(split) and (split == 0 or 0 < split < 1)):
+        problems.append(f"--data.eval_split must be 0 (off) or a fraction > 0 and < 1, got {split!r}")
     return problems
 
 
@@ -363,18 +351,11 @@ def path_problems(cfg: "GADConfig") -> list:
                 problems.append(f"--{flag} {value}: is a file, not a model folder")
     if cfg.trainer.init_from and not Path(cfg.trainer.init_from).is_dir():
         problems.append(f"--trainer.init_from {cfg.trainer.init_from}: no such folder")
-    ds_file = cfg.deepspeed.config_file
-    if ds_file:
-        path = Path(ds_file)
-        if not path.is_file():
-            problems.append(f"--deepspeed.config_file {ds_file}: no such file")
-        else:
-            try:
-                loaded = json.loads(path.read_text(encoding="utf-8"))
-                if not isinstance(loaded, dict):
-                    problems.append(f"--deepspeed.config_file {ds_file}: expected a JSON object, got {type(loaded).__name__}")
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                problems.append(f"--deepspeed.config_file {ds_file}: not valid JSON ({exc})")
+    if cfg.deepspeed.config_file:
+        try:
+            read_deepspeed_json(cfg.deepspeed.config_file)
+        except ValueError as exc:
+            problems.append(str(exc))
     out = Path(cfg.trainer.output_dir)
     if out.exists() and not out.is_dir():
         problems.append(f"--trainer.output_dir {out}: is a file, not a folder")
@@ -383,6 +364,21 @@ def path_problems(cfg: "GADConfig") -> list:
         if parent is not None and not parent.is_dir():
             problems.append(f"--trainer.output_dir {out}: {parent} is a file, not a folder")
     return problems
+
+
+def read_deepspeed_json(ds_file: str) -> dict:
+    """The JSON object of ``--deepspeed.config_file``; ValueError naming the flag when the file is
+    missing, not JSON or not an object."""
+    path = Path(ds_file)
+    if not path.is_file():
+        raise ValueError(f"--deepspeed.config_file {ds_file}: no such file")
+    try:
+        loaded = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"--deepspeed.config_file {ds_file}: not valid JSON ({exc})") from None
+    if not isinstance(loaded, dict):
+        raise ValueError(f"--deepspeed.config_file {ds_file}: expected a JSON object, got {type(loaded).__name__}")
+    return loaded
 
 
 def parse_betas(text: str) -> tuple:

@@ -9,16 +9,14 @@ discriminator scores, and ``update`` (one optimizer step over a plain loop of mi
 
 from __future__ import annotations
 
-import json
 import logging
-from pathlib import Path
 
 import torch
 
 from gadchat import roles as role_kinds
 from gadchat import runtime
 from gadchat.batch import SequenceBatch
-from gadchat.config import GADConfig, parse_betas
+from gadchat.config import GADConfig, parse_betas, read_deepspeed_json
 from gadchat.logprobs import sequence_log_probs
 from gadchat.models import (attn_implementation, eos_token_ids, load_causal_lm, load_discriminator,
                             load_generation_config, load_tokenizer, resolve_model_path)
@@ -55,10 +53,7 @@ def deepspeed_config(cfg: GADConfig, lr_section, train: bool, dtype: torch.dtype
     if train:
         config["gradient_clipping"] = lr_section.grad_clip
     if ds.config_file:
-        path = Path(ds.config_file)
-        if not path.exists():
-            raise FileNotFoundError(f"deepspeed.config_file not found: {path}")
-        user = json.loads(path.read_text())
+        user = read_deepspeed_json(ds.config_file)
         for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
             user.pop(key, None)  # batch geometry is the trainer's: prompts_per_step, n, micro_batch_size
         if not train:
@@ -390,12 +385,6 @@ class HybridEngine:
 
             dist.all_reduce(total)
         return float(total)
-
-    @torch.no_grad()
-    def rollout_matches_actor(self, prompts: list, max_new_tokens: int) -> float:
-        """Fraction of ``prompts`` on which the rollout engine's greedy continuation equals the
-        actor's own (transformers ``generate`` on the DeepSpeed module)."""
-        return self.rollout_sync_check(prompts, max_new_tokens)["debug/rollout_greedy_match"]
 
     @torch.no_grad()
     def rollout_sync_check(self, prompts: list, max_new_tokens: int) -> dict:

@@ -377,7 +377,7 @@ def test_missing_user_deepspeed_json_is_a_clear_error(tmp_path):
     from gadchat.engine import deepspeed_config
 
     cfg = load_config(["--deepspeed.config_file", str(tmp_path / "missing.json")])
-    with pytest.raises(FileNotFoundError, match=r"deepspeed.config_file not found: .*missing\.json"):
+    with pytest.raises(ValueError, match=r"--deepspeed.config_file .*missing\.json: no such file"):
         deepspeed_config(cfg, cfg.actor, train=True, dtype=torch.float32)
 
 

@@ -75,9 +75,9 @@ import json, sys
 from gadchat import runtime
 runtime.set_process_defaults()
 import torch
-from gadchat.rollout import VLLMRollout
+from gadchat.generation import VLLMBackend
 folder, prompt, eos = sys.argv[1], json.loads(sys.argv[2]), set(json.loads(sys.argv[3]))
-rollout = VLLMRollout(folder, folder, torch.float32, max_model_len=256, eos_ids=eos, seed=0)
+rollout = VLLMBackend(folder, folder, torch.float32, max_model_len=256, eos_ids=eos, seed=0)
 out = rollout.generate([prompt], n=1, temperature=0.0, top_p=1.0, max_new_tokens=12, seed=0, greedy=True)
 print("@@" + json.dumps(out[0][0]))
 """
@@ -90,11 +90,11 @@ def test_both_backends_stop_on_a_generation_config_eos(tiny_model, tokenizer, tm
     from transformers import AutoModelForCausalLM
 
     from gadchat.data import encode_prompt
-    from gadchat.rollout import HFRollout
+    from gadchat.generation import HFBackend
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
     prompt = encode_prompt(tokenizer, [{"role": "user", "content": "Name three primary colours."}])
-    free = HFRollout(SimpleNamespace(module=model), tokenizer.pad_token_id, {tokenizer.eos_token_id}, False)
+    free = HFBackend(SimpleNamespace(module=model), tokenizer.pad_token_id, {tokenizer.eos_token_id}, False)
     tokens = free.generate([prompt], 1, 1.0, 1.0, 12, seed=0, greedy=True)[0][0]
     assert tokenizer.eos_token_id not in tokens and len(tokens) == 12, tokens
     # the latest first occurrence of a token (a random tiny model often repeats one token throughout)
@@ -109,7 +109,7 @@ def test_both_backends_stop_on_a_generation_config_eos(tiny_model, tokenizer, tm
     assert eos == {tokenizer.eos_token_id, extra}
     expected = tokens[: position + 1]
 
-    hf = HFRollout(SimpleNamespace(module=model), tokenizer.pad_token_id, eos, False)
+    hf = HFBackend(SimpleNamespace(module=model), tokenizer.pad_token_id, eos, False)
     assert hf.generate([prompt], 1, 1.0, 1.0, 12, seed=0, greedy=True)[0][0] == expected
     if HAS_VLLM:
         result = subprocess.run([sys.executable, "-c", VLLM_SCRIPT, str(folder), json.dumps(prompt),

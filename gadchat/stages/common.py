@@ -13,20 +13,49 @@ from gadchat import runtime
 from gadchat.batch import SequenceBatch
 from gadchat.diagnostics import reward_step_metrics
 from gadchat.losses import (bradley_terry_loss, bradley_terry_student_terms, bradley_terry_teacher_gradient,
-                            discriminator_metrics, kl_loss, masked_mean, ppo_clip_loss)
+                            discriminator_metrics, kl_loss, masked_mean, ppo_clip_loss, sft_loss)
+
+
+def rollout_temperature(cfg, scaled: bool = True) -> float:
+    """The rollout's temperature when ``scaled`` and it is > 0 (greedy rollouts have none), else 1
+    (raw logits): the one rule behind every log-prob temperature."""
+    temperature = cfg.rollout.temperature
+    return temperature if scaled and temperature > 0 else 1.0
 
 
 def sample_temperature(cfg) -> float:
     """Temperature of the log-probs of student samples (actor, old, reference): the rollout's
     when ``actor.temperature_scaled_logprobs`` (verl), else 1 (raw logits)."""
-    t = cfg.rollout.temperature
-    return t if cfg.actor.temperature_scaled_logprobs and t > 0 else 1.0
+    return rollout_temperature(cfg, cfg.actor.temperature_scaled_logprobs)
 
 
 def sft_temperature(cfg) -> float:
     """Temperature of the SFT log-probs on teacher text: 1 unless ``actor.sft_temperature_scaled``."""
-    t = cfg.rollout.temperature
-    return t if cfg.actor.sft_temperature_scaled and t > 0 else 1.0
+    return rollout_temperature(cfg, cfg.actor.sft_temperature_scaled)
+
+
+def actor_gate_open(step: int, cfg, metrics: dict) -> bool:
+    """Whether the actor updates at ``step``: once ``step >= trainer.discriminator_warmup`` (verl's
+    ``critic_warmup``; the discriminator trains from step 0). Logged as ``actor/updated``."""
+    opened = step >= cfg.trainer.discriminator_warmup
+    metrics["actor/updated"] = float(opened)
+    return opened
+
+
+def actor_micro_batches(ctx, sequences: SequenceBatch) -> list:
+    """The actor's micro-batches of ``sequences`` (``actor.micro_batch_size`` rows, or the
+    ``actor.micro_batch_tokens`` budget)."""
+    return sequences.micro_batches(ctx.cfg.actor.micro_batch_size, tokens=ctx.cfg.actor.micro_batch_tokens)
+
+
+def sft_backward(ctx, update, parts: list, tokens: float) -> None:
+    """The backward passes of the token-mean cross-entropy of teacher responses under the actor
+    (each response's EOS included) over ``parts`` (:func:`actor_micro_batches`), ``tokens`` their
+    response tokens in all; inside ``update``, an actor update."""
+    temperature = sft_temperature(ctx.cfg)
+    for _, part in parts:
+        log_probs, _ = ctx.engine.log_probs(ctx.engine.actor, part, temperature=temperature)
+        update.backward(sft_loss(log_probs, part.target_mask.to(log_probs.device), denominator=tokens))
 
 
 def teacher_batch(ctx, batch) -> SequenceBatch:
@@ -49,16 +78,16 @@ def response_length_stats(samples: list) -> dict:
     return {"response_length/mean": stats["mean"], "response_length/max": stats["max"]}
 
 
-def discriminator_update(ctx, teacher: SequenceBatch, student: SequenceBatch):
+def discriminator_update(ctx, teacher_seqs: SequenceBatch, student: SequenceBatch):
     """Bradley-Terry update of the discriminator (teacher response preferred over each of its
     prompt's ``n`` samples). Micro-batched by prompt (``micro_batch_prompts``: a micro-batch holds
     its prompts' teacher sequences and samples), or by rows under ``micro_batch_tokens``
     (:func:`bradley_terry_by_rows`). Returns the metrics and the student scores of the forward
     pass, taken before this step's update (the GAD stage's rewards)."""
-    engine, n, prompts = ctx.engine, ctx.cfg.rollout.n, len(teacher)
+    engine, n, prompts = ctx.engine, ctx.cfg.rollout.n, len(teacher_seqs)
     budget = ctx.cfg.discriminator.micro_batch_tokens
     if budget > 0:
-        teacher_parts = teacher.micro_batches(0, tokens=budget)
+        teacher_parts = teacher_seqs.micro_batches(0, tokens=budget)
         student_parts = student.micro_batches(0, tokens=budget)
         with engine.timer("discriminator_update"), \
                 engine.update("discriminator", len(teacher_parts) + len(student_parts)) as update:
@@ -72,7 +101,7 @@ def discriminator_update(ctx, teacher: SequenceBatch, student: SequenceBatch):
         with engine.timer("discriminator_update"), engine.update("discriminator", len(groups)) as update:
             for group in groups:
                 rows = torch.tensor(group, dtype=torch.long)
-                t_scores = engine.scores(teacher.select(rows))
+                t_scores = engine.scores(teacher_seqs.select(rows))
                 s_scores = engine.scores(student.select(sample_rows(rows, n))).view(len(group), n)
                 t_all[rows], s_all[rows] = t_scores.detach().float().cpu(), s_scores.detach().float().cpu()
                 update.backward(bradley_terry_loss(t_scores, s_scores) * (len(group) / prompts))
@@ -120,13 +149,13 @@ def sample_rows(prompt_rows: torch.Tensor, n: int) -> torch.Tensor:
     return (prompt_rows.unsqueeze(1) * n + torch.arange(n)).reshape(-1)
 
 
-def discriminator_scores(ctx, teacher: SequenceBatch, student: SequenceBatch):
+def discriminator_scores(ctx, teacher_seqs: SequenceBatch, student: SequenceBatch):
     """The discriminator's scores without an update (a frozen discriminator): metrics and the
     student scores ``[prompts, n]``."""
     mb = max(1, ctx.cfg.discriminator.micro_batch_prompts) * ctx.cfg.rollout.n
     with ctx.engine.timer("score"):
-        t_all = ctx.engine.scores_no_grad(teacher, mb)
-        s_all = ctx.engine.scores_no_grad(student, mb).view(len(teacher), -1)
+        t_all = ctx.engine.scores_no_grad(teacher_seqs, mb)
+        s_all = ctx.engine.scores_no_grad(student, mb).view(len(teacher_seqs), -1)
     metrics = {f"discriminator/{k}": v for k, v in discriminator_metrics(t_all, s_all).items()}
     with torch.no_grad():
         metrics["discriminator/d_loss"] = float(bradley_terry_loss(t_all, s_all))
@@ -158,10 +187,9 @@ def teacher_view(ctx, student: SequenceBatch):
     the oracle reward."""
     if ctx.engine.teacher is None:
         return None
-    t = ctx.cfg.rollout.temperature
     with ctx.engine.timer("diagnostics"):
         actor = ctx.engine.log_probs_no_grad(ctx.engine.actor, student, ctx.cfg.actor.micro_batch_size,
-                                             temperature=t if t > 0 else 1.0)
+                                             temperature=rollout_temperature(ctx.cfg))
     return teacher_log_probs(ctx, student), actor
 
 
@@ -181,46 +209,48 @@ def policy_update(ctx, student: SequenceBatch, advantages: torch.Tensor, ref: to
     token). ``old``: the sampling policy's log-probs ``[B, T-1]``; when ``None`` they are the
     detached current log-probs with a single step per batch (the ratio is exactly 1), otherwise
     computed once before the first update."""
-    a, engine = ctx.cfg.actor, ctx.engine
+    actor_cfg, engine = ctx.cfg.actor, ctx.engine
     rows = len(student)
     temperature = sample_temperature(ctx.cfg)
-    if old is None and not (a.ppo_epochs == 1 and a.mini_batches == 1):
+    if old is None and not (actor_cfg.ppo_epochs == 1 and actor_cfg.mini_batches == 1):
         with engine.timer("old_log_probs"):
-            old = engine.log_probs_no_grad(engine.actor, student, a.micro_batch_size, temperature)
+            old = engine.log_probs_no_grad(engine.actor, student, actor_cfg.micro_batch_size, temperature)
     sums = {"pg_loss": 0.0, "kl": 0.0, "entropy": 0.0, "clip_fraction": 0.0}
     updates = 0
-    mini_size = math.ceil(rows / a.mini_batches)
+    mini_size = math.ceil(rows / actor_cfg.mini_batches)
     with engine.timer("actor_update"):
-        for _epoch in range(a.ppo_epochs):
+        for _epoch in range(actor_cfg.ppo_epochs):
             for mini_start in range(0, rows, mini_size):
                 mini_end = min(rows, mini_start + mini_size)
                 denominator = student.target_mask[mini_start:mini_end].sum().clamp(min=1)
-                parts = student.micro_batches(a.micro_batch_size, mini_start, mini_end, tokens=a.micro_batch_tokens)
+                parts = student.micro_batches(actor_cfg.micro_batch_size, mini_start, mini_end,
+                                              tokens=actor_cfg.micro_batch_tokens)
                 with engine.update("actor", len(parts)) as update:
                     for picked, part in parts:
-                        log_probs, entropy = engine.log_probs(engine.actor, part, with_entropy=a.entropy_coef > 0,
+                        log_probs, entropy = engine.log_probs(engine.actor, part,
+                                                              with_entropy=actor_cfg.entropy_coef > 0,
                                                               temperature=temperature)
                         mask = part.target_mask.to(log_probs.device)
                         width = log_probs.shape[1]
                         old_lp = log_probs.detach() if old is None else old[picked, :width].to(log_probs.device)
                         adv = advantages[picked] if advantages.dim() == 1 else advantages[picked, :width]
                         adv = adv.to(log_probs.device)
-                        pg, clip_fraction = ppo_clip_loss(log_probs, old_lp, adv, mask, a.clip_eps, denominator)
+                        pg, clip_fraction = ppo_clip_loss(log_probs, old_lp, adv, mask, actor_cfg.clip_eps, denominator)
                         loss = pg
                         sums["pg_loss"] += float(pg.detach())
                         sums["clip_fraction"] += float(clip_fraction) * float(mask.sum() / denominator)
-                        if ref is not None and a.kl_coef > 0:
+                        if ref is not None and actor_cfg.kl_coef > 0:
                             kl = kl_loss(log_probs, ref[picked, :width].to(log_probs.device), mask, denominator)
-                            loss = loss + a.kl_coef * kl
+                            loss = loss + actor_cfg.kl_coef * kl
                             sums["kl"] += float(kl.detach())
                         if entropy is not None:
                             ent = masked_mean(entropy, mask, denominator)
-                            loss = loss - a.entropy_coef * ent
+                            loss = loss - actor_cfg.entropy_coef * ent
                             sums["entropy"] += float(ent.detach())
                         update.backward(loss)
                 updates += 1
     out = {f"actor/{k}": v / updates for k, v in sums.items()}
-    if a.entropy_coef == 0:
+    if actor_cfg.entropy_coef == 0:
         out.pop("actor/entropy")
     return out
 

@@ -36,7 +36,9 @@ def validate(cfg: GADConfig) -> GADConfig:
 
 def build_parser(description: str = "GAD-Chat training", stage: str | None = None):
     """Every field as ``--section.field``, its default the stage's published one where it has one."""
-    defaults = config.apply_overrides(GADConfig(), stage_defaults(stage), f"stage defaults ({stage})") if stage else None
+    defaults = None
+    if stage:
+        defaults = config.apply_overrides(GADConfig(), stage_defaults(stage), f"stage defaults ({stage})")
     return config.build_parser(description, defaults)
 
 

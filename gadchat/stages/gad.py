@@ -42,14 +42,14 @@ class GAD(Recipe):
 
     def step(self, ctx: StageContext, step: int, batch: list) -> StepResult:
         cfg, engine = ctx.cfg, ctx.engine
-        teacher = common.teacher_batch(ctx, batch)
+        teacher_seqs = common.teacher_batch(ctx, batch)
         samples, student = common.rollout(ctx, step, batch)
 
         # rewards: the discriminator's scores of the samples, before its own update
         if engine.trains("discriminator"):
-            metrics, rewards = common.discriminator_update(ctx, teacher, student)
+            metrics, rewards = common.discriminator_update(ctx, teacher_seqs, student)
         else:
-            metrics, rewards = common.discriminator_scores(ctx, teacher, student)
+            metrics, rewards = common.discriminator_scores(ctx, teacher_seqs, student)
         metrics.update(common.response_length_stats(samples))
         view = common.teacher_view(ctx, student)
         metrics.update(common.reward_diagnostics(ctx, rewards, student, samples, view))
@@ -64,8 +64,7 @@ class GAD(Recipe):
                         "advantage/max": advantage["max"], "advantage/min": advantage["min"]})
 
         # actor: policy gradient, once past the gate (verl applies it here too)
-        metrics["actor/updated"] = float(step >= cfg.trainer.discriminator_warmup)
-        if step >= cfg.trainer.discriminator_warmup:
+        if common.actor_gate_open(step, cfg, metrics):
             ref = common.reference_log_probs(ctx, student)
             metrics.update(common.policy_update(ctx, student, advantages, ref))
-        return StepResult(metrics, tokens=float(student.attention_mask.sum() + teacher.attention_mask.sum()))
+        return StepResult(metrics, tokens=float(student.attention_mask.sum() + teacher_seqs.attention_mask.sum()))

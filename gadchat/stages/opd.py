@@ -67,15 +67,15 @@ class OPD(Recipe):
         samples, student = common.rollout(ctx, step, batch)
         mask = student.target_mask
 
-        teacher = common.teacher_log_probs(ctx, student)
+        teacher_lp = common.teacher_log_probs(ctx, student)
         with engine.timer("old_log_probs"):
             old = engine.log_probs_no_grad(engine.actor, student, cfg.actor.micro_batch_size,
                                            common.sample_temperature(cfg))
-        advantages = reverse_kl_advantages(teacher, old, mask)
+        advantages = reverse_kl_advantages(teacher_lp, old, mask)
 
         metrics = common.response_length_stats(samples)
-        metrics["opd/reverse_kl"] = reverse_kl_per_token(old, teacher, mask)  # sampled, per token
-        metrics["opd/teacher_nll"] = teacher_nll_per_token(teacher, mask)
+        metrics["opd/reverse_kl"] = reverse_kl_per_token(old, teacher_lp, mask)  # sampled, per token
+        metrics["opd/teacher_nll"] = teacher_nll_per_token(teacher_lp, mask)
         ref = common.reference_log_probs(ctx, student)
         metrics.update(common.policy_update(ctx, student, advantages, ref, old=old))
         return StepResult(metrics, tokens=float(student.attention_mask.sum()))

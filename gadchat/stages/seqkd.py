@@ -8,7 +8,6 @@ ROUGE-L of greedy rollouts against held-out teacher answers.
 from __future__ import annotations
 
 from gadchat import roles
-from gadchat.losses import sft_loss
 from gadchat.stages import common
 from gadchat.stages.base import Recipe, StageContext, StepResult
 
@@ -27,17 +26,13 @@ class SeqKD(Recipe):
 
     def step(self, ctx: StageContext, step: int, batch: list) -> StepResult:
         cfg, engine = ctx.cfg, ctx.engine
-        teacher = common.teacher_batch(ctx, batch)
-        tokens = float(teacher.target_mask.sum())
-        temperature = common.sft_temperature(cfg)
+        teacher_seqs = common.teacher_batch(ctx, batch)
 
-        parts = teacher.micro_batches(cfg.actor.micro_batch_size, tokens=cfg.actor.micro_batch_tokens)
+        parts = common.actor_micro_batches(ctx, teacher_seqs)
         with engine.timer("actor_update"), engine.update("actor", len(parts)) as update:
-            for _, part in parts:
-                log_probs, _ = engine.log_probs(engine.actor, part, temperature=temperature)
-                update.backward(sft_loss(log_probs, part.target_mask.to(log_probs.device), denominator=tokens))
+            common.sft_backward(ctx, update, parts, tokens=float(teacher_seqs.target_mask.sum()))
 
         metrics = {"actor/sft_loss": update.loss}
         if cfg.trainer.eval_every and (step + 1) % cfg.trainer.eval_every == 0:
             metrics.update(common.rouge_eval(ctx))
-        return StepResult(metrics, tokens=float(teacher.attention_mask.sum()))
+        return StepResult(metrics, tokens=float(teacher_seqs.attention_mask.sum()))
