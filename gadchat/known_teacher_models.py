@@ -7,7 +7,8 @@ the published data layout and read through the ordinary data path. Only the eval
 optional GAD-stage diagnostics) read the teacher's exact log-probabilities.
 
 - **Teacher** (``builtin:kt-teacher``): a Qwen2 of hidden 256, 4 layers (about 3.4M parameters, 8x
-  the student), trained deterministically (fixed steps, seed and batch order) on the shipped GPT-4o
+  the student), trained with a fixed schedule (steps, seed and batch order; repeatable on one
+  machine, not across machines: docs/known_teacher.md) on the shipped GPT-4o
   answers cut into paragraphs: for each training prompt, each paragraph of its answer (at most
   ``PARAGRAPH_TOKENS`` tokens, cut at a sentence end) is one ``prompt -> paragraph + EOS`` example.
   The teacher therefore answers a prompt with one paragraph and stops, so its samples end with an
@@ -132,7 +133,8 @@ def batches(examples: list, tokens_per_batch: int, seed: int, epoch: int) -> lis
 
 
 def train_lm(model, examples: list, spec: BuildSpec, pad_token_id: int, log=print) -> list:
-    """Deterministic LM training on the response tokens (EOS included): AdamW, linear warm-up over
+    """LM training on the response tokens (EOS included), repeatable on one machine (seeded, fixed
+    batch order; across machines see docs/known_teacher.md, Reproducibility): AdamW, linear warm-up over
     5% of the steps, cosine decay to 10% of ``spec.lr``, gradient clipping at 1. Returns the
     losses per step."""
     import torch
