@@ -172,9 +172,9 @@ class TrainerConfig:
     max_steps: int = 0
     """0 = as many steps as ``epochs`` allow."""
     discriminator_warmup: int = 10
-    """The actor's update (warm-up: SFT; GAD: the policy gradient) runs only once step >=
-    discriminator_warmup; the discriminator trains from step 0. The official GAD recipe and verl
-    call it ``trainer.critic_warmup``, accepted as an alias (flag and YAML)."""
+    """The actor updates (warm-up: SFT; GAD: policy gradient) only once step >= discriminator_warmup;
+    the discriminator trains from step 0. The official GAD recipe and verl call it
+    trainer.critic_warmup, accepted as an alias (flag and YAML)."""
     seed: int = 42
     output_dir: str = "outputs/run"
     init_from: str = ""
