@@ -91,24 +91,26 @@ def discriminator_update(ctx, teacher_seqs: SequenceBatch, student: SequenceBatc
         student_parts = student.micro_batches(0, tokens=budget)
         with engine.timer("discriminator_update"), \
                 engine.update("discriminator", len(teacher_parts) + len(student_parts)) as update:
-            t_all, s_all = bradley_terry_by_rows(engine.scores, update.backward, teacher_parts, student_parts, n)
+            teacher_scores, student_scores = bradley_terry_by_rows(engine.scores, update.backward, teacher_parts,
+                                                                   student_parts, n)
         with torch.no_grad():
-            d_loss = float(bradley_terry_loss(t_all, s_all))
+            d_loss = float(bradley_terry_loss(teacher_scores, student_scores))
     else:
         per = max(1, ctx.cfg.discriminator.micro_batch_prompts)
         groups = [list(range(start, min(start + per, prompts))) for start in range(0, prompts, per)]
-        t_all, s_all = torch.zeros(prompts), torch.zeros(prompts, n)
+        teacher_scores, student_scores = torch.zeros(prompts), torch.zeros(prompts, n)
         with engine.timer("discriminator_update"), engine.update("discriminator", len(groups)) as update:
             for group in groups:
                 rows = torch.tensor(group, dtype=torch.long)
-                t_scores = engine.scores(teacher_seqs.select(rows))
-                s_scores = engine.scores(student.select(sample_rows(rows, n))).view(len(group), n)
-                t_all[rows], s_all[rows] = t_scores.detach().float().cpu(), s_scores.detach().float().cpu()
-                update.backward(bradley_terry_loss(t_scores, s_scores) * (len(group) / prompts))
+                teacher_part = engine.scores(teacher_seqs.select(rows))
+                student_part = engine.scores(student.select(sample_rows(rows, n))).view(len(group), n)
+                teacher_scores[rows] = teacher_part.detach().float().cpu()
+                student_scores[rows] = student_part.detach().float().cpu()
+                update.backward(bradley_terry_loss(teacher_part, student_part) * (len(group) / prompts))
         d_loss = update.loss
     metrics = {"discriminator/d_loss": d_loss}
-    metrics.update({f"discriminator/{k}": v for k, v in discriminator_metrics(t_all, s_all).items()})
-    return metrics, s_all
+    metrics.update({f"discriminator/{k}": v for k, v in discriminator_metrics(teacher_scores, student_scores).items()})
+    return metrics, student_scores
 
 
 def bradley_terry_by_rows(score, backward, teacher_parts: list, student_parts: list, n: int):
@@ -128,20 +130,20 @@ def bradley_terry_by_rows(score, backward, teacher_parts: list, student_parts: l
     prompts, student rows are prompt-major, ``n`` per prompt). Returns the teacher scores ``[P]``
     and the student scores ``[P, n]`` of the forward passes (before any update)."""
     prompts = sum(len(index) for index, _ in teacher_parts)
-    t_all, s_all = torch.zeros(prompts), torch.zeros(prompts * n)
+    teacher_scores, student_scores = torch.zeros(prompts), torch.zeros(prompts * n)
     with torch.no_grad():
         for index, part in teacher_parts:
-            t_all[index] = score(part).float().cpu()
+            teacher_scores[index] = score(part).float().cpu()
     for index, part in student_parts:
-        s = score(part)
-        backward(bradley_terry_student_terms(t_all[index // n].to(s), s, prompts * n))
-        s_all[index] = s.detach().float().cpu()
-    s_all = s_all.view(prompts, n)
-    coefficient = bradley_terry_teacher_gradient(t_all, s_all)
+        part_scores = score(part)
+        backward(bradley_terry_student_terms(teacher_scores[index // n].to(part_scores), part_scores, prompts * n))
+        student_scores[index] = part_scores.detach().float().cpu()
+    student_scores = student_scores.view(prompts, n)
+    coefficient = bradley_terry_teacher_gradient(teacher_scores, student_scores)
     for index, part in teacher_parts:
-        t = score(part)
-        backward((t * coefficient[index].to(t)).sum())
-    return t_all, s_all
+        part_scores = score(part)
+        backward((part_scores * coefficient[index].to(part_scores)).sum())
+    return teacher_scores, student_scores
 
 
 def sample_rows(prompt_rows: torch.Tensor, n: int) -> torch.Tensor:
@@ -154,12 +156,12 @@ def discriminator_scores(ctx, teacher_seqs: SequenceBatch, student: SequenceBatc
     student scores ``[prompts, n]``."""
     mb = max(1, ctx.cfg.discriminator.micro_batch_prompts) * ctx.cfg.rollout.n
     with ctx.engine.timer("score"):
-        t_all = ctx.engine.scores_no_grad(teacher_seqs, mb)
-        s_all = ctx.engine.scores_no_grad(student, mb).view(len(teacher_seqs), -1)
-    metrics = {f"discriminator/{k}": v for k, v in discriminator_metrics(t_all, s_all).items()}
+        teacher_scores = ctx.engine.scores_no_grad(teacher_seqs, mb)
+        student_scores = ctx.engine.scores_no_grad(student, mb).view(len(teacher_seqs), -1)
+    metrics = {f"discriminator/{k}": v for k, v in discriminator_metrics(teacher_scores, student_scores).items()}
     with torch.no_grad():
-        metrics["discriminator/d_loss"] = float(bradley_terry_loss(t_all, s_all))
-    return metrics, s_all
+        metrics["discriminator/d_loss"] = float(bradley_terry_loss(teacher_scores, student_scores))
+    return metrics, student_scores
 
 
 def reference_log_probs(ctx, student: SequenceBatch) -> torch.Tensor | None:
