@@ -69,22 +69,26 @@ def load_scorer(path: str):
 
 
 def response_log_probs(model, prompts: list, responses: list, pad_token_id: int, batch_size: int = 32):
-    """``(log_probs, mask)``: per-token log-probs of each response given its prompt, ``[N, T-1]``
-    over the ``prompt ++ response`` positions (the core's :func:`gadchat.logprobs.sequence_log_probs`
-    on the model's raw logits), and the mask of the response tokens."""
+    """``(log_probs, mask)``: per-token log-probs of each response given its prompt, ``[N, R]``
+    right-padded to the longest response, and the mask of real response tokens. The log-probs are
+    the core's (:func:`gadchat.logprobs.sequence_log_probs` on the model's raw logits), laid out by
+    response position."""
     import torch
 
     from gadchat.batch import SequenceBatch
     from gadchat.logprobs import sequence_log_probs
 
-    batch = SequenceBatch.build(prompts, responses, pad_token_id)
-    parts = []
+    width = max(len(r) for r in responses)
+    out = torch.zeros(len(responses), width)
+    mask = torch.zeros(len(responses), width)
     with torch.no_grad():
-        for start in range(0, len(batch), batch_size):
-            part = batch.slice(start, start + batch_size)
-            log_probs, _ = sequence_log_probs(model, model, part, chunk_tokens=0)
-            parts.append(torch.nn.functional.pad(log_probs, (0, batch.input_ids.shape[1] - 1 - log_probs.shape[1])))
-    return torch.cat(parts), batch.target_mask
+        for start in range(0, len(responses), batch_size):
+            p, r = prompts[start : start + batch_size], responses[start : start + batch_size]
+            log_probs, _ = sequence_log_probs(model, model, SequenceBatch.build(p, r, pad_token_id), chunk_tokens=0)
+            for row, (prompt, response) in enumerate(zip(p, r)):
+                out[start + row, : len(response)] = log_probs[row, len(prompt) - 1 : len(prompt) - 1 + len(response)]
+                mask[start + row, : len(response)] = 1.0
+    return out, mask
 
 
 @dataclass

@@ -166,6 +166,23 @@ def test_evaluation_metrics_of_the_teacher_against_itself(tmp_path):
     assert math.isfinite(out["forward_nll"]) and out["forward_nll"] > 0
 
 
+def test_response_log_probs_read_each_response_position_through_the_core_path(tiny_model):
+    """The evaluation's log-probs (the core's sequence_log_probs) laid out by response position:
+    ``log softmax(logits)[next token]`` at the position before each response token."""
+    from applications.known_teacher_eval import load_scorer, response_log_probs
+
+    model = load_scorer(str(tiny_model))
+    prompts, responses = [[5, 6, 7], [8, 9]], [[10, 11], [12, 13, 14]]
+    log_probs, mask = response_log_probs(model, prompts, responses, pad_token_id=0, batch_size=1)
+    assert log_probs.shape == mask.shape == (2, 3) and mask.sum(dim=1).tolist() == [2.0, 3.0]
+    for row, (prompt, response) in enumerate(zip(prompts, responses)):
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([prompt + response])).logits[0].float().log_softmax(-1)
+        expected = torch.stack([logits[len(prompt) - 1 + i, token] for i, token in enumerate(response)])
+        assert torch.allclose(log_probs[row, : len(response)], expected, atol=1e-5)
+        assert log_probs[row, len(response):].abs().sum() == 0
+
+
 def test_benchmark_summary_table_and_goal_checks():
     """The benchmark's summary (mean and sample std over seeds), table and goal checks on made-up results."""
     from applications.known_teacher import METRICS, goal_checks, summarise, table
