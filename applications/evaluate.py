@@ -102,7 +102,7 @@ def parse_eval_sets(specs: list) -> list[EvalSet]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(allow_abbrev=False, 
+    parser = argparse.ArgumentParser(allow_abbrev=False,
         prog=prog("applications.evaluate", "gadchat-eval"), formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="ROUGE-L and LLM-judge evaluation of one or several models. The judge score of a model is the "
                     "mean over prompts of s_student / (s_student + s_reference) x 100, prompts whose grades could not "
@@ -191,49 +191,63 @@ def main(argv=None) -> int:
         return 2
 
 
-def evaluate(argv=None, held: contextlib.ExitStack | None = None) -> int:
-    """Evaluate as the flags ``argv`` say; ``held`` keeps the output folder's lock until the caller
-    closes it (one writer per folder)."""
-    args = build_parser().parse_args(argv)
-    progress = not args.no_progress
-    try:
-        models = parse_model_specs(args.models)
-        sets = parse_eval_sets(args.eval_sets)
-        data_cfg = DataConfig(prompt_key=args.prompt_key, response_key=args.response_key, system_prompt=args.system_prompt)
-        if not 0 <= args.eval_split < 1:
-            raise ValueError(f"--eval-split must be 0 (off) or a fraction > 0 and < 1, got {args.eval_split}")
-        for eval_set in sets:
-            eval_set.rows = split_part(read_prompts(data_cfg, eval_set.spec, require_response=True), args.eval_split, "eval")
-            if not eval_set.rows:
-                raise ValueError(f"eval set {eval_set.name} ({eval_set.spec}) has no rows"
-                                 + (f" in its --eval-split {args.eval_split} part" if args.eval_split else ""))
-            if args.max_prompts:
-                eval_set.rows = eval_set.rows[: args.max_prompts]
-        judge = None
-        if args.judge_base_url:
-            endpoint = ChatEndpoint(args.judge_base_url, args.judge_model, api_key_env=args.judge_api_key_env,
-                                    sampling=SamplingSettings(temperature=0.0), timeout=args.judge_timeout,
-                                    max_retries=args.judge_max_retries, backoff_base=args.judge_backoff_base)
-            judge = Judge(endpoint, load_judge_template(args.judge_prompt or None),
-                          args.judge_reference_max_tokens, args.judge_grade_max_tokens)
-        for label, path in models:
-            if looks_like_local_path(path) and not Path(path).expanduser().exists():
-                raise FileNotFoundError(f"--models {label}={path}: no such folder (a model folder, a training "
-                                        "output dir or a hub id org/name)")
-            resolve_model_path(path)
-    except (DataError, ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    out_dir = Path(args.output_dir)
-    lock = FolderLock(out_dir, "an evaluation").acquire()
-    if held is not None:
-        held.callback(lock.release)
+@dataclass
+class JudgeOutcome:
+    """The judge's replies: reference answers and verdicts by prompt key ``(set, source, row)``,
+    the students' verdicts by ``(label, prompt key)``, and how many requests it answered."""
 
-    # 1. Greedy answers of every model to every prompt of every set (one engine per model).
+    references: dict = field(default_factory=dict)
+    reference_verdicts: dict = field(default_factory=dict)
+    student_verdicts: dict = field(default_factory=dict)
+    requests: int = 0
+    answered: int = 0
+    first_error: str = ""
+
+
+def _prompt_key(eval_set: EvalSet, row) -> tuple:
+    return (eval_set.name, row[0], row[1])
+
+
+def _where(eval_set: EvalSet, row) -> str:
+    return f"set {eval_set.name}, {row[0]} row {row[1]}"
+
+
+def prepare(args) -> tuple:
+    """``(models, sets, judge)`` from the flags: the sets' rows read, the judge's endpoint built,
+    every model path checked; raises DataError, ValueError or FileNotFoundError naming the flag."""
+    models = parse_model_specs(args.models)
+    sets = parse_eval_sets(args.eval_sets)
+    data_cfg = DataConfig(prompt_key=args.prompt_key, response_key=args.response_key, system_prompt=args.system_prompt)
+    if not 0 <= args.eval_split < 1:
+        raise ValueError(f"--eval-split must be 0 (off) or a fraction > 0 and < 1, got {args.eval_split}")
+    for eval_set in sets:
+        eval_set.rows = split_part(read_prompts(data_cfg, eval_set.spec, require_response=True), args.eval_split, "eval")
+        if not eval_set.rows:
+            raise ValueError(f"eval set {eval_set.name} ({eval_set.spec}) has no rows"
+                             + (f" in its --eval-split {args.eval_split} part" if args.eval_split else ""))
+        if args.max_prompts:
+            eval_set.rows = eval_set.rows[: args.max_prompts]
+    judge = None
+    if args.judge_base_url:
+        endpoint = ChatEndpoint(args.judge_base_url, args.judge_model, api_key_env=args.judge_api_key_env,
+                                sampling=SamplingSettings(temperature=0.0), timeout=args.judge_timeout,
+                                max_retries=args.judge_max_retries, backoff_base=args.judge_backoff_base)
+        judge = Judge(endpoint, load_judge_template(args.judge_prompt or None),
+                      args.judge_reference_max_tokens, args.judge_grade_max_tokens)
+    for label, path in models:
+        if looks_like_local_path(path) and not Path(path).expanduser().exists():
+            raise FileNotFoundError(f"--models {label}={path}: no such folder (a model folder, a training "
+                                    "output dir or a hub id org/name)")
+        resolve_model_path(path)
+    return models, sets, judge
+
+
+def generate_answers(args, models: list, sets: list, progress: bool) -> tuple:
+    """Greedy answers of every model to every prompt of every set (one engine per model):
+    ``({(set name, label): [Completion]}, {label: seconds})``."""
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=0.0, n=1)
     all_prompts = [(eval_set, row) for eval_set in sets for row in eval_set.rows]
-    answers = {}  # (set name, label) -> list of Completion
-    timings = {}
+    answers, timings = {}, {}
     for label, path in models:
         print(f"[evaluate] generating with {label} ({path}) on {len(all_prompts)} prompts", file=sys.stderr, flush=True)
         started = time.time()
@@ -246,67 +260,73 @@ def evaluate(argv=None, held: contextlib.ExitStack | None = None) -> int:
         for eval_set in sets:
             answers[(eval_set.name, label)] = completions[position : position + len(eval_set.rows)]
             position += len(eval_set.rows)
+    return answers, timings
 
-    # 2. Judge: a reference answer per prompt (shared by all models), its grade, each model's grade.
-    references, reference_verdicts, student_verdicts = {}, {}, {}
-    judge_requests, judge_answers, judge_first_error = 0, 0, ""
-    if judge is not None:
-        where = lambda s, row: f"set {s.name}, {row[0]} row {row[1]}"  # noqa: E731
-        prompt_key = lambda s, row: (s.name, row[0], row[1])  # noqa: E731
-        # Reference answers and their grades are cached (judge model + template + prompt), so a rerun or
-        # a later evaluation of another model against the same cache uses the very same references.
-        cache_path = Path(args.judge_cache) if args.judge_cache else out_dir / "judge_references.jsonl"
-        cache = {entry["cache_key"]: entry for entry in recover_jsonl(cache_path) if "cache_key" in entry}
-        cache_keys = {prompt_key(s, row): reference_cache_key(args.judge_model, judge.template, row[2])
-                      for s, row in all_prompts}
-        missing = []
-        for s, row in all_prompts:
-            entry = cache.get(cache_keys[prompt_key(s, row)])
-            if entry is None:
-                missing.append((s, row))
-            else:
-                references[prompt_key(s, row)] = (entry["reference_answer"], "")
-                reference_verdicts[prompt_key(s, row)] = Verdict(entry["reference_grade"], entry["reference_reply"])
-        if len(missing) < len(all_prompts):
-            print(f"[evaluate] {len(all_prompts) - len(missing)} reference answers and grades from {cache_path}",
-                  file=sys.stderr, flush=True)
-        reference_out = run_parallel(judge.reference_answer, [(row[2], where(s, row) + " (reference answer)")
-                                                              for s, row in missing],
-                                     args.judge_concurrency, "judge: reference answers", progress)
-        grade_items, grade_keys = [], []
-        for (eval_set, row), (reference, error) in zip(missing, reference_out):
-            key = prompt_key(eval_set, row)
-            references[key] = (reference, error)
-            if reference is None:
-                reference_verdicts[key] = Verdict(None, "", f"no reference answer: {error}")
-            else:
-                grade_items.append((row[2], reference, where(eval_set, row) + " (grading the reference)"))
-                grade_keys.append(("reference", key))
-        for eval_set in sets:
-            for label, _ in models:
-                for row, completion in zip(eval_set.rows, answers[(eval_set.name, label)]):
-                    grade_items.append((row[2], completion.text, where(eval_set, row) + f" (grading {label})"))
-                    grade_keys.append((label, prompt_key(eval_set, row)))
-        verdicts = run_parallel(judge.grade, grade_items, args.judge_concurrency, "judge: grades", progress)
-        judge_requests = len(reference_out) + len(verdicts)
-        judge_answers = sum(a is not None for a, _ in reference_out) + sum(v.status != "failed" for v in verdicts)
-        judge_first_error = next((e for a, e in reference_out if a is None), "") or next(
-            (v.error for v in verdicts if v.error), "")
-        with JsonlAppender(cache_path) as cache_out:
-            for (who, key), verdict in zip(grade_keys, verdicts):
-                if who != "reference":
-                    student_verdicts[(who, key)] = verdict
-                    continue
-                reference_verdicts[key] = verdict
-                if verdict.status == "ok":
-                    cache_out.append({"cache_key": cache_keys[key], "judge_model": args.judge_model,
-                                      "prompt": next(row[2] for s, row in all_prompts if prompt_key(s, row) == key),
-                                      "reference_answer": references[key][0], "reference_grade": verdict.grade,
-                                      "reference_reply": verdict.reply})
 
-    # 3. Metrics, generations.jsonl, tables.
+def run_judge(args, judge, models: list, sets: list, answers: dict, out_dir: Path, progress: bool) -> JudgeOutcome:
+    """A reference answer per prompt (shared by all models), its grade, each model's grade.
+
+    Reference answers and their grades are cached (judge model + template + prompt), so a rerun or
+    a later evaluation of another model against the same cache uses the very same references."""
+    outcome = JudgeOutcome()
+    all_prompts = [(eval_set, row) for eval_set in sets for row in eval_set.rows]
+    cache_path = Path(args.judge_cache) if args.judge_cache else out_dir / "judge_references.jsonl"
+    cache = {entry["cache_key"]: entry for entry in recover_jsonl(cache_path) if "cache_key" in entry}
+    cache_keys = {_prompt_key(s, row): reference_cache_key(args.judge_model, judge.template, row[2])
+                  for s, row in all_prompts}
+    missing = []
+    for s, row in all_prompts:
+        entry = cache.get(cache_keys[_prompt_key(s, row)])
+        if entry is None:
+            missing.append((s, row))
+        else:
+            outcome.references[_prompt_key(s, row)] = (entry["reference_answer"], "")
+            outcome.reference_verdicts[_prompt_key(s, row)] = Verdict(entry["reference_grade"], entry["reference_reply"])
+    if len(missing) < len(all_prompts):
+        print(f"[evaluate] {len(all_prompts) - len(missing)} reference answers and grades from {cache_path}",
+              file=sys.stderr, flush=True)
+    reference_out = run_parallel(judge.reference_answer, [(row[2], _where(s, row) + " (reference answer)")
+                                                          for s, row in missing],
+                                 args.judge_concurrency, "judge: reference answers", progress)
+    grade_items, grade_keys = [], []
+    for (eval_set, row), (reference, error) in zip(missing, reference_out):
+        key = _prompt_key(eval_set, row)
+        outcome.references[key] = (reference, error)
+        if reference is None:
+            outcome.reference_verdicts[key] = Verdict(None, "", f"no reference answer: {error}")
+        else:
+            grade_items.append((row[2], reference, _where(eval_set, row) + " (grading the reference)"))
+            grade_keys.append(("reference", key))
+    for eval_set in sets:
+        for label, _ in models:
+            for row, completion in zip(eval_set.rows, answers[(eval_set.name, label)]):
+                grade_items.append((row[2], completion.text, _where(eval_set, row) + f" (grading {label})"))
+                grade_keys.append((label, _prompt_key(eval_set, row)))
+    verdicts = run_parallel(judge.grade, grade_items, args.judge_concurrency, "judge: grades", progress)
+    outcome.requests = len(reference_out) + len(verdicts)
+    outcome.answered = sum(a is not None for a, _ in reference_out) + sum(v.status != "failed" for v in verdicts)
+    outcome.first_error = next((e for a, e in reference_out if a is None), "") or next(
+        (v.error for v in verdicts if v.error), "")
+    with JsonlAppender(cache_path) as cache_out:
+        for (who, key), verdict in zip(grade_keys, verdicts):
+            if who != "reference":
+                outcome.student_verdicts[(who, key)] = verdict
+                continue
+            outcome.reference_verdicts[key] = verdict
+            if verdict.status == "ok":
+                cache_out.append({"cache_key": cache_keys[key], "judge_model": args.judge_model,
+                                  "prompt": next(row[2] for s, row in all_prompts if _prompt_key(s, row) == key),
+                                  "reference_answer": outcome.references[key][0], "reference_grade": verdict.grade,
+                                  "reference_reply": verdict.reply})
+    return outcome
+
+
+def score_and_write(models: list, sets: list, answers: dict, timings: dict, judged: JudgeOutcome | None,
+                    generations_path: Path) -> dict:
+    """Metrics per set and model, ``{set: {label: {...}}}``; every answer with its scores into
+    ``generations_path`` (JSON lines)."""
     results = {}
-    with open(out_dir / "generations.jsonl", "w", encoding="utf-8") as handle:
+    with open(generations_path, "w", encoding="utf-8") as handle:
         for eval_set in sets:
             results[eval_set.name] = {}
             for label, path in models:
@@ -321,9 +341,9 @@ def evaluate(argv=None, held: contextlib.ExitStack | None = None) -> int:
                               "prompt": messages, "teacher_response": teacher_response,
                               "generation": completion.text, "finish_reason": completion.finish_reason,
                               "num_tokens": completion.num_tokens, "rouge_l": rouge}
-                    if judge is not None:
+                    if judged is not None:
                         key = (eval_set.name, source, number)
-                        student, reference = student_verdicts.get((label, key)), reference_verdicts[key]
+                        student, reference = judged.student_verdicts.get((label, key)), judged.reference_verdicts[key]
                         if student is None:  # not graded: the reference answer is missing
                             student = Verdict(None, "", reference.error)
                         if reference.status == "failed" or student.status == "failed":
@@ -339,23 +359,43 @@ def evaluate(argv=None, held: contextlib.ExitStack | None = None) -> int:
                             "score": judge_score(student.grade, reference.grade) if both else None,
                             "status": "ok" if both else (student.status if student.status != "ok" else reference.status),
                             "student_grade": student.grade, "reference_grade": reference.grade,
-                            "reference_answer": references[key][0],
+                            "reference_answer": judged.references[key][0],
                             "student_reply": student.reply, "reference_reply": reference.reply,
                             "error": student.error or reference.error,
                         }
                     handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-                mean_score, judged = mean_judge_score(grade_pairs)
+                mean_score, judged_count = mean_judge_score(grade_pairs)
                 results[eval_set.name][label] = {
                     "model_path": path, "prompts": len(completions),
                     "rouge_l": 100 * _mean(rouge_scores) if rouge_scores else None,
-                    "judge_score": mean_score, "judged": judged, "judge_unparsed": unparsed, "judge_failed": failed,
+                    "judge_score": mean_score, "judged": judged_count, "judge_unparsed": unparsed,
+                    "judge_failed": failed,
                     "mean_student_grade": _mean(student_grades), "mean_reference_grade": _mean(reference_grades),
                     "mean_new_tokens": _mean(c.num_tokens for c in completions) or 0.0,
                     "truncated_fraction": _mean(c.finish_reason == "length" for c in completions) or 0.0,
                     "generation_seconds_all_sets": timings[label],
                 }
-    labels = [label for label, _ in models]
-    table = markdown_tables(results, sets, labels, judge is not None)
+    return results
+
+
+def evaluate(argv=None, held: contextlib.ExitStack | None = None) -> int:
+    """Evaluate as the flags ``argv`` say; ``held`` keeps the output folder's lock until the caller
+    closes it (one writer per folder)."""
+    args = build_parser().parse_args(argv)
+    progress = not args.no_progress
+    try:
+        models, sets, judge = prepare(args)
+    except (DataError, ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    out_dir = Path(args.output_dir)
+    lock = FolderLock(out_dir, "an evaluation").acquire()
+    if held is not None:
+        held.callback(lock.release)
+    answers, timings = generate_answers(args, models, sets, progress)
+    judged = run_judge(args, judge, models, sets, answers, out_dir, progress) if judge is not None else None
+    results = score_and_write(models, sets, answers, timings, judged, out_dir / "generations.jsonl")
+    table = markdown_tables(results, sets, [label for label, _ in models], judge is not None)
     (out_dir / "results.md").write_text(table, encoding="utf-8")
     summary = {
         "results": results,
@@ -368,12 +408,11 @@ def evaluate(argv=None, held: contextlib.ExitStack | None = None) -> int:
     (out_dir / "results.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False), encoding="utf-8")
     print(table)
     print(f"[evaluate] wrote {out_dir / 'results.md'}, {out_dir / 'results.json'}, {out_dir / 'generations.jsonl'}")
-    if judge_requests and not judge_answers:
-        print(f"error: the judge answered none of its {judge_requests} requests, so there is no judge score; "
-              f"first error: {judge_first_error}", file=sys.stderr)
+    if judged is not None and judged.requests and not judged.answered:
+        print(f"error: the judge answered none of its {judged.requests} requests, so there is no judge score; "
+              f"first error: {judged.first_error}", file=sys.stderr)
         return 1
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

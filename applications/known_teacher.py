@@ -1,6 +1,6 @@
 """The known-teacher quality benchmark: does GAD bring a student closer to its teacher than SeqKD?
 
-The teacher is a model we hold (``builtin:kt-teacher``, :mod:`gadchat.known_teacher`), so the
+The teacher is a model we hold (``builtin:kt-teacher``, :mod:`gadchat.known_teacher_models`), so the
 evaluation reads its exact likelihoods, while training stays black-box: the stages see only the
 teacher's sampled text, in the published data layout, through the ordinary data path and the real
 launcher scripts (DeepSpeed ZeRO-3, vLLM rollouts). Arms, at equal teacher data and equal actor
@@ -15,7 +15,7 @@ optimizer steps (``seqkd`` steps = warm-up actor steps + GAD steps):
   scored token by token by the teacher model itself), the upper bound of what the teacher's
   likelihoods buy; reported with the share of its gain over the start that GAD recovers.
 
-Each arm is evaluated on the held-out prompts (:func:`gadchat.known_teacher.evaluate_against_teacher`);
+Each arm is evaluated on the held-out prompts (:func:`applications.known_teacher_eval.evaluate_against_teacher`);
 the GAD stages log the reward diagnostics (``--model.teacher_path``). Output: per-seed
 results, ``results.json``, ``results.md`` (mean and spread over seeds) and PNG plots.
 
@@ -75,7 +75,7 @@ def log(text: str) -> None:
 def prepare(backend: str) -> dict:
     """Teacher, student and teacher data, each built once into the cache."""
     from gadchat import runtime
-    from gadchat.known_teacher import SHIPPED, read_rows, sample_teacher_data
+    from applications.known_teacher_eval import SHIPPED, read_rows, sample_teacher_data
     from gadchat.models import cache_dir, resolve_model_path
 
     runtime.set_process_defaults()
@@ -176,6 +176,7 @@ def best_seqkd(root: Path, paths: dict, args, common: list, extra: list) -> tupl
 def train_seed(seed: int, arms: list, paths: dict, args, extra: list) -> dict:
     """Run the arms' stages for one seed (a shared warm-up runs once); returns run folders by name."""
     from applications.run_pipeline import run_stage
+    from gadchat.stages import recipe
 
     root = Path(args.output_dir).resolve() / f"seed{seed}"
     runs, wall = {}, {}
@@ -191,7 +192,8 @@ def train_seed(seed: int, arms: list, paths: dict, args, extra: list) -> dict:
                 continue
             output = root / name / "run"
             common = list(base)
-            if stage == "opd" or (stage != "seqkd" and not args.no_diagnostics):  # opd trains on the teacher
+            reads = recipe(stage).teacher_model  # "required": opd trains on the teacher; "optional": diag/
+            if reads == "required" or (reads == "optional" and not args.no_diagnostics):
                 common += ["--model.teacher_path", paths["teacher"]]
             init = runs[init_name] if init_name else None
             wall[name] = run_stage(stage, launcher, output, init, [str(v) for v in common + flags + extra])
@@ -202,7 +204,7 @@ def train_seed(seed: int, arms: list, paths: dict, args, extra: list) -> dict:
 def evaluate_cached(models: dict, paths: dict, heldout, args, seed: int, out: Path) -> dict:
     """:func:`evaluate_against_teacher` per model, reusing a stored result made with the same
     settings (kept in the run folder, or in ``out`` for models that are not runs of this benchmark)."""
-    from gadchat.known_teacher import evaluate_against_teacher
+    from applications.known_teacher_eval import evaluate_against_teacher
 
     settings = {"teacher": paths["teacher"], "prompts": len(heldout.messages), "samples": args.eval_samples,
                 "max_new_tokens": TEACHER_MAX_NEW_TOKENS, "seed": seed, "backend": args.backend}
@@ -473,7 +475,7 @@ def main(argv=None) -> int:
 
     from transformers import AutoTokenizer
 
-    from gadchat.known_teacher import held_out
+    from applications.known_teacher_eval import held_out
 
     heldout = held_out(Path(paths["test"]), AutoTokenizer.from_pretrained(paths["student"]), args.eval_prompts)
     per_seed = {}

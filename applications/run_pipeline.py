@@ -28,6 +28,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOYMENTS = ("cpu", "single_gpu", "single_node", "multi_node")
+METHOD = "gad"  # the last stage of the method; the stages it starts from run first (their init_from_stage)
+BASELINE = "seqkd"  # --with-seqkd
 
 
 def stage_script(stage: str, deployment: str) -> Path:
@@ -82,7 +84,8 @@ def run_stage(stage: str, args, output_dir: Path, init_from: Path | None, extra:
 
 def eval_plan(args, extra: list) -> tuple:
     """``(evaluate flags, stage flags, description)`` of the evaluation set (see the module docstring)."""
-    from gadchat.config import DataConfig, load_config
+    from gadchat.config import DataConfig
+    from gadchat.stages.configure import load_config
 
     data = load_config(extra).data  # the stages' data section, as their flags set it
     published = DataConfig()
@@ -104,7 +107,7 @@ def eval_plan(args, extra: list) -> tuple:
             f"the shipped GPT-4o held-out split {published.eval_files} (published keys; choose yours with --eval-files)")
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model", default="builtin:tiny", help="student: hub id or local folder (builtin:tiny = CPU toy)")
@@ -119,7 +122,62 @@ def main(argv=None) -> int:
     parser.add_argument("--eval-prompt-key", default="", help="prompt field of --eval-files (empty = the training key)")
     parser.add_argument("--eval-response-key", default="",
                         help="teacher-response field of --eval-files (empty = the training key)")
-    args, extra = parser.parse_known_args(argv)
+    return parser
+
+
+def student_model(model: str) -> str:
+    """The student's model folder (a ``builtin:`` name is built here once) or hub id."""
+    if not model.startswith("builtin:"):
+        return model
+    from gadchat import runtime
+    from gadchat.models import resolve_model_path
+
+    runtime.set_process_defaults()
+    return resolve_model_path(model)
+
+
+def train_stages(args, out: Path, extra: list) -> tuple:
+    """Run the method's stages in hand-off order (the baseline first with ``--with-seqkd``), each
+    from its recipe's ``init_from_stage``; returns ``(stages, {stage: wall seconds})``."""
+    from gadchat.stages import handoff_chain, recipe
+
+    wall = {}
+    stages = ([BASELINE] if args.with_seqkd else []) + handoff_chain(METHOD)
+    for stage in stages:
+        source = recipe(stage).init_from_stage
+        wall[stage] = run_stage(stage, args, out / stage, out / source if source else None, extra)
+    return stages, wall
+
+
+def evaluate_models(args, models: list, eval_flags: list, eval_dir: Path, max_new: int) -> dict:
+    """``applications.evaluate`` of ``LABEL=PATH`` models on the held-out set: its ``heldout`` results."""
+    evaluate = [sys.executable, "-m", "applications.evaluate", "--models", *models, *eval_flags,
+                "--output-dir", str(eval_dir), "--max-new-tokens", str(max_new), "--backend", args.eval_backend]
+    if args.eval_prompts:
+        evaluate += ["--max-prompts", str(args.eval_prompts)]
+    print(f"[pipeline] evaluate: {' '.join(evaluate)}", flush=True)
+    result = subprocess.run(evaluate, cwd=REPO, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"[pipeline] evaluation failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return json.loads((eval_dir / "results.json").read_text())["results"]["heldout"]
+
+
+def results_table(stages: list, out: Path, heldout: dict, wall: dict) -> str:
+    """One markdown row per stage: last-5 means of its training metrics, held-out ROUGE-L, wall time."""
+    lines = ["| stage | steps | d_acc (last 5) | reward (last 5) | response tokens (last 5) | ROUGE-L held-out | wall s |",
+             "|---|---|---|---|---|---|---|",
+             f"| student (start) | - | - | - | - | {fmt(heldout['student']['rouge_l'], 2)} | - |"]
+    for stage in stages:
+        rows = [r for r in read_rows(out / stage) if r.get("step", 0) > 0]
+        lines.append(
+            f"| {stage} | {rows[-1]['step'] if rows else 0} | {fmt(last_mean(rows, 'discriminator/d_acc'))} | "
+            f"{fmt(last_mean(rows, 'reward/mean'))} | {fmt(last_mean(rows, 'response_length/mean'), 1)} | "
+            f"{fmt(heldout[stage]['rouge_l'], 2)} | {wall[stage]:.0f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args, extra = build_parser().parse_known_args(argv)
     if extra and extra[0] == "--":
         extra = extra[1:]
     if args.eval_prompts < 0 or args.num_procs < 1:
@@ -132,46 +190,16 @@ def main(argv=None) -> int:
     extra = [*extra, *eval_stage_flags]
     out = Path(args.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    student = student_model(args.model)
 
-    if args.model.startswith("builtin:"):
-        from gadchat import runtime
-        from gadchat.models import resolve_model_path
-
-        runtime.set_process_defaults()
-        student = resolve_model_path(args.model)
-    else:
-        student = args.model
-
-    wall = {}
-    stages = (["seqkd"] if args.with_seqkd else []) + ["warmup", "gad"]
-    for stage in stages:
-        init_from = out / "warmup" if stage == "gad" else None
-        wall[stage] = run_stage(stage, args, out / stage, init_from, extra)
-
+    stages, wall = train_stages(args, out, extra)
     max_new = args.eval_max_new_tokens or (48 if args.deployment == "cpu" else 1536)
-    models = [f"student={student}"] + [f"{stage}={out / stage}" for stage in stages]
-    evaluate = [sys.executable, "-m", "applications.evaluate", "--models", *models, *eval_flags,
-                "--output-dir", str(out / "eval"), "--max-new-tokens", str(max_new), "--backend", args.eval_backend]
-    if args.eval_prompts:
-        evaluate += ["--max-prompts", str(args.eval_prompts)]
-    print(f"[pipeline] evaluate: {' '.join(evaluate)}", flush=True)
     started = time.perf_counter()
-    result = subprocess.run(evaluate, cwd=REPO, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise SystemExit(f"[pipeline] evaluation failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    heldout = evaluate_models(args, [f"student={student}"] + [f"{stage}={out / stage}" for stage in stages],
+                              eval_flags, out / "eval", max_new)
     wall["eval"] = time.perf_counter() - started
-    heldout = json.loads((out / "eval" / "results.json").read_text())["results"]["heldout"]
 
-    lines = ["| stage | steps | d_acc (last 5) | reward (last 5) | response tokens (last 5) | ROUGE-L held-out | wall s |",
-             "|---|---|---|---|---|---|---|",
-             f"| student (start) | - | - | - | - | {fmt(heldout['student']['rouge_l'], 2)} | - |"]
-    for stage in stages:
-        rows = [r for r in read_rows(out / stage) if r.get("step", 0) > 0]
-        lines.append(
-            f"| {stage} | {rows[-1]['step'] if rows else 0} | {fmt(last_mean(rows, 'discriminator/d_acc'))} | "
-            f"{fmt(last_mean(rows, 'reward/mean'))} | {fmt(last_mean(rows, 'response_length/mean'), 1)} | "
-            f"{fmt(heldout[stage]['rouge_l'], 2)} | {wall[stage]:.0f} |")
-    table = "\n".join(lines)
+    table = results_table(stages, out, heldout, wall)
     total = sum(wall.values())
     summary = (f"{table}\n\nROUGE-L: F1 x 100 against the teacher on {heldout['student']['prompts']} prompts of "
                f"{eval_description}, greedy, {max_new} new tokens. Total wall time {total:.0f} s "
@@ -181,7 +209,6 @@ def main(argv=None) -> int:
     print(f"[pipeline] outputs in {out}: one folder per stage (final/actor, final/discriminator, checkpoints/, metrics.jsonl), "
           f"eval/, pipeline_results.md")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -28,8 +28,9 @@ PHASES = ["generate", "score", "discriminator_update", "reference_log_probs", "a
 
 
 def run_stage(stage: str, steps: int, out: Path, extra: list) -> tuple[list, float, float]:
-    script = {"warmup": "training/step2_warmup/main.py", "gad": "training/step3_gad/main.py"}[stage]
-    argv = [common.MAIN_PYTHON, script, "--config", "configs/cpu_tiny.yaml", "--trainer.output_dir", str(out),
+    from gadchat.stages import step_main
+
+    argv = [common.MAIN_PYTHON, str(step_main(stage)), "--config", "configs/cpu_tiny.yaml", "--trainer.output_dir", str(out),
             "--trainer.max_steps", str(steps), "--trainer.tensorboard", "false", "--trainer.progress_bar", "false",
             "--trainer.export_hf", "false", "--trainer.resume", "none"] + extra
     if stage == "warmup":
@@ -66,7 +67,9 @@ def main(argv=None):
     extra = [] if args.zero_stage is None else ["--deepspeed.zero_stage", str(args.zero_stage)]
     results = {}
     with tempfile.TemporaryDirectory(prefix="bench_phases_") as tmp:
-        for stage in ("warmup", "gad"):
+        from gadchat.stages import handoff_chain
+
+        for stage in handoff_chain("gad"):  # the GAD method's stages (warm-up, then GAD)
             rows, rss, wall = run_stage(stage, args.steps, Path(tmp) / stage, extra)
             results[stage] = summarise(rows) | {"peak_rss_mib": rss, "process_wall_s": wall}
             print(f"[{stage}] {json.dumps(results[stage], indent=None, default=float)}")

@@ -3,7 +3,7 @@ engine to matter: ``builtin:small`` (gadchat.models.BUILTIN_SHAPES: Qwen2, hidde
 8 heads -> head_dim 64, 4 KV heads, 4k vocab, ~26M parameters), 8 prompts x n=8 = 64 samples x up to
 128 new tokens, temperature 0.8, fp32, one thread.
 
-Both backends are the engine's own classes (gadchat.rollout.VLLMRollout and HFRollout, the latter
+Both backends are the engine's own classes (gadchat.generation.VLLMBackend and HFBackend, the latter
 on the plain transformers model), in one process; after one warm-up call each, repetitions
 alternate vLLM / HF so both see the same load. The speedup is the ratio of generated tokens/s.
 
@@ -44,7 +44,7 @@ def main(argv=None):
     from gadchat.config import DataConfig
     from gadchat.data import load_teacher_data
     from gadchat.models import load_tokenizer, resolve_model_path
-    from gadchat.rollout import HFRollout, VLLMRollout
+    from gadchat.generation import HFBackend, VLLMBackend
 
     path = resolve_model_path(args.model)
     tok = load_tokenizer(path)
@@ -54,12 +54,12 @@ def main(argv=None):
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     params = sum(p.numel() for p in model.parameters())
 
-    class Holder:  # HFRollout reads ``engine.module``
+    class Holder:  # HFBackend reads ``engine.module``
         module = model
 
     eos = {tok.eos_token_id}
-    hf = HFRollout(Holder(), tok.pad_token_id, eos, synced_gpus=False, micro_batch_size=args.prompts * args.n)
-    vllm = VLLMRollout(path, path, torch.float32, max_model_len=192 + args.max_new_tokens, eos_ids=eos, seed=0)
+    hf = HFBackend(Holder(), tok.pad_token_id, eos, synced_gpus=False, micro_batch_size=args.prompts * args.n)
+    vllm = VLLMBackend(path, path, torch.float32, max_model_len=192 + args.max_new_tokens, eos_ids=eos, seed=0)
     backends = {"vllm": vllm, "hf": hf}
 
     def timed(name, seed):
@@ -87,7 +87,7 @@ def main(argv=None):
         "title": "4. Rollout backends: vLLM vs transformers generate",
         "description": (f"`{args.model}` ({params / 1e6:.1f}M parameters, head_dim 64), {args.prompts} prompts x n={args.n} "
                         f"= {args.prompts * args.n} samples x up to {args.max_new_tokens} new tokens, T 0.8, fp32, 1 thread; "
-                        f"gadchat.rollout.VLLMRollout vs HFRollout in one process, {args.reps} alternating reps "
+                        f"gadchat.generation.VLLMBackend vs HFBackend in one process, {args.reps} alternating reps "
                         "after one warm-up each. Speedup = median over reps of the per-rep tokens/s ratio."),
         "table": {"columns": ["backend", "seconds per rollout", "tokens generated", "tokens/s"],
                   "rows": [[name, m["seconds"], m["tokens"], m["tokens_per_s"]] for name, m in med.items()]},

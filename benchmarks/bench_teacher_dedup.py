@@ -48,7 +48,7 @@ def main(argv=None):
     from gadchat.batch import SequenceBatch
     from gadchat.losses import bradley_terry_loss
     from gadchat.models import load_discriminator, load_tokenizer, resolve_model_path
-    from gadchat.rollout import VLLMRollout
+    from gadchat.generation import VLLMBackend
 
     path = resolve_model_path("builtin:tiny")
     tok = load_tokenizer(path)
@@ -56,7 +56,7 @@ def main(argv=None):
                                                shuffle=False), tok)
     batch = examples[: args.prompts]
     n, pad, P, per = args.n, tok.pad_token_id, len(batch), args.micro_batch_prompts
-    rollout = VLLMRollout(path, path, torch.float32, max_model_len=192 + args.max_new_tokens,
+    rollout = VLLMBackend(path, path, torch.float32, max_model_len=192 + args.max_new_tokens,
                           eos_ids={tok.eos_token_id}, seed=0)
     samples = rollout.generate([e.prompt_ids for e in batch], n=n, temperature=0.8, top_p=1.0,
                                max_new_tokens=args.max_new_tokens, seed=1)

@@ -36,7 +36,7 @@ def write_prompts(path: Path) -> str:
     from gadchat import runtime
 
     runtime.set_process_defaults()
-    from gadchat.config import load_config
+    from gadchat.stages.configure import load_config
     from gadchat.data import load_teacher_data
     from gadchat.models import load_tokenizer, resolve_model_path
 

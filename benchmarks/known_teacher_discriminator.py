@@ -60,7 +60,7 @@ def main(argv=None) -> int:
     from gadchat import teacher_metrics as tm
     from gadchat.data import encode_prompt, encode_response
     from gadchat.batch import SequenceBatch
-    from gadchat.known_teacher import load_scorer, read_rows, response_log_probs
+    from applications.known_teacher_eval import load_scorer, read_rows, response_log_probs
     from gadchat.losses import bradley_terry_loss
     from gadchat.models import load_discriminator, resolve_model_path
 

@@ -34,7 +34,7 @@ def main(argv=None):
     from gadchat import runtime
 
     runtime.set_process_defaults()
-    from gadchat.config import load_config
+    from gadchat.stages.configure import load_config
     from gadchat.trainer import StageTrainer
 
     out = tempfile.mkdtemp(prefix="profile_gad_")

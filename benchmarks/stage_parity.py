@@ -1,4 +1,4 @@
-"""Run the three stages (SeqKD, warm-up, GAD) on the CPU default with a fixed seed and write every
+"""Run every stage of the registry (:mod:`gadchat.stages`) on the CPU default with a fixed seed and write every
 step's metrics (timings, throughput and memory left out) to one JSON file; ``--compare A B`` checks
 that two such files are bit-identical.
 
@@ -11,8 +11,11 @@ records an older commit from a ``git worktree``:
     python benchmarks/stage_parity.py --compare /tmp/before.json /tmp/after.json
 
 Metric and flag names renamed by the refactor (``critic`` -> ``discriminator``) are mapped before the
-comparison. Each stage runs under the ``deepspeed`` launcher with 2 ranks at ZeRO-3 (the default),
-on the rollout backend named by ``--backend``.
+comparison. The stages, their step folders and hand-offs (``init_from_stage``) are read from this
+checkout's registry and run from ``--repo``'s step folders, in registry order; a stage that takes a
+teacher model (opd) is given the warm-up's exported actor, which shares the student's tokenizer.
+Each stage runs under the ``deepspeed`` launcher with 2 ranks at ZeRO-3 (the default), on the
+rollout backend named by ``--backend``.
 """
 
 from __future__ import annotations
@@ -44,6 +47,15 @@ def _discriminator_section(repo: Path) -> str:
     return "discriminator" if "class DiscriminatorConfig" in text else "critic"
 
 
+def registry_stages() -> dict:
+    """``{stage: (step folder, init_from_stage)}`` of this checkout's registry, in registry order
+    (a stage's ``init_from_stage`` comes before it)."""
+    sys.path.insert(0, str(HERE))
+    from gadchat.stages import RECIPES
+
+    return {name: (recipe.step_folder, recipe.init_from_stage) for name, recipe in RECIPES.items()}
+
+
 def run_stages(repo: Path, backend: str, workdir: Path) -> dict:
     d = _discriminator_section(repo)
     gate = "discriminator_warmup" if d == "discriminator" else "critic_warmup"
@@ -51,12 +63,19 @@ def run_stages(repo: Path, backend: str, workdir: Path) -> dict:
               "--trainer.tensorboard", "false", "--trainer.log_param_digest", "true",
               "--rollout.backend", backend, "--trainer.seed", "7", "--data.max_rows", "64",
               "--rollout.max_new_tokens", "24"]
-    stages = {
-        "seqkd": ("step1_seqkd", ["--trainer.max_steps", "3"]),
-        "warmup": ("step2_warmup", ["--trainer.max_steps", "3", f"--trainer.{gate}", "1"]),
-        "gad": ("step3_gad", ["--trainer.max_steps", "3", "--trainer.init_from", str(workdir / "warmup"),
-                              "--actor.ppo_epochs", "2", "--actor.mini_batches", "2", "--actor.entropy_coef", "0.01"]),
+    # Per-stage settings beyond the common ones: short runs that still cross each stage's gate and
+    # every branch (PPO epochs and mini-batches, the entropy bonus); a new stage runs with none.
+    settings = {
+        "warmup": [f"--trainer.{gate}", "1"],
+        "gad": ["--actor.ppo_epochs", "2", "--actor.mini_batches", "2", "--actor.entropy_coef", "0.01"],
+        "opd": ["--model.teacher_path", str(workdir / "warmup" / "final" / "actor")],
     }
+    stages = {}
+    for stage, (step, init_from_stage) in registry_stages().items():
+        extra = ["--trainer.max_steps", "3", *settings.get(stage, [])]
+        if init_from_stage:
+            extra += ["--trainer.init_from", str(workdir / init_from_stage)]
+        stages[stage] = (step, extra)
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(repo))
     out = {}
     for stage, (step, extra) in stages.items():
@@ -121,8 +140,8 @@ def main(argv=None) -> int:
 
             result = {
                 "title": f"11. Stage parity across a refactor ({args.save})",
-                "description": ("Every logged value (timings, throughput and memory left out) of SeqKD, warm-up and GAD, "
-                                "3 steps each, 2 ranks at ZeRO-3, seed 7, recorded before and after, compared for "
+                "description": ("Every logged value (timings, throughput and memory left out) of every stage of the "
+                                f"registry ({', '.join(before)}), 3 steps each, 2 ranks at ZeRO-3, seed 7, recorded before and after, compared for "
                                 "bit-identity (benchmarks/stage_parity.py)."),
                 "table": {"columns": ["stage", "rows", "values", "differences"],
                           "rows": [[stage, len(rows), sum(len(r) for r in rows),

@@ -42,7 +42,7 @@ def run_stage(stage: str, argv=None) -> dict:
     from gadchat import runtime
 
     runtime.set_process_defaults()
-    from gadchat.config import load_config
+    from gadchat.stages.configure import load_config
     from gadchat.trainer import StageTrainer
 
     cfg = load_config(argv, stage=stage, description=stage_description(stage)).check_paths()
@@ -126,9 +126,9 @@ def train_main(argv=None) -> int:
         print(f"{TRAIN_PROG}: error: unknown stage {stage!r} (known: {', '.join(known_stages())})", file=sys.stderr)
         return 2
     if "-h" in flags or "--help" in flags:
-        from gadchat.config import build_parser
+        from gadchat.stages.configure import build_parser
 
-        parser = build_parser(stage_description(stage))  # the parser load_config builds
+        parser = build_parser(stage_description(stage), stage)  # the parser load_config builds
         parser.prog = f"{TRAIN_PROG} {stage}"
         parser.print_help()
         return 0

@@ -198,7 +198,9 @@ class TrainerConfig:
     max_steps: int = 0
     """0 = as many steps as ``epochs`` allow."""
     discriminator_warmup: int = 10
-    """Warm-up stage: the actor's SFT update runs only once step >= discriminator_warmup."""
+    """The actor updates (warm-up: SFT; GAD: policy gradient) only once step >= discriminator_warmup;
+    the discriminator trains from step 0. The official GAD recipe and verl call it
+    trainer.critic_warmup, accepted as an alias (flag and YAML)."""
     seed: int = 42
     output_dir: str = "outputs/run"
     init_from: str = ""
@@ -268,14 +270,6 @@ class GADConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
 
-    def validate(self) -> "GADConfig":
-        """Every value with a range or a choice, checked before anything is built; the error lists
-        all problems on one line, each naming its flag."""
-        problems = value_problems(self)
-        if problems:
-            raise ValueError("invalid configuration: " + "; ".join(problems))
-        return self
-
     def check_paths(self) -> "GADConfig":
         """Local paths the run reads (model folders, DeepSpeed JSON, output dir), checked before any
         engine is built; raises ValueError naming the flag."""
@@ -292,113 +286,93 @@ def _finite(value) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 
-def value_problems(cfg: "GADConfig") -> list:
-    """Pure: the flags of ``cfg`` whose values are out of range, as ``--flag must ..., got X`` texts."""
-    problems = []
+CHOICES = (
+    ("rollout.backend", ("auto", "vllm", "hf")),
+    ("discriminator.pooling", ("last", "sum", "mean")),
+    ("data.overlong", ("skip", "error")),
+    ("deepspeed.zero_stage", (0, 1, 2, 3)),
+    ("model.dtype", DTYPES),
+    ("trainer.on_nonfinite", ("error", "skip")),
+    ("discriminator.baseline", ("pi_old", "reference")),
+    ("actor.reward_form", ("token", "sequence")),
+)
+"""Fields with a fixed set of values."""
+RANGES = (  # (flag, low, high or None, low excluded); high is inclusive
+    ("rollout.temperature", 0, None, True), ("rollout.top_p", 0, 1, True), ("rollout.max_new_tokens", 1, None, False),
+    ("rollout.vllm_gpu_memory_utilization", 0, 1, True), ("rollout.vllm_cpu_kvcache_gib", 0, None, True),
+    ("rollout.tensor_parallel_size", 1, None, False), ("rollout.sync_bucket_mb", 0, None, True),
+    ("rollout.hf_micro_batch_size", 1, None, False),
+    ("actor.weight_decay", 0, None, False), ("actor.grad_clip", 0, None, False),
+    ("discriminator.weight_decay", 0, None, False), ("discriminator.grad_clip", 0, None, False),
+    ("actor.micro_batch_size", 1, None, False), ("actor.clip_eps", 0, None, True), ("actor.kl_coef", 0, None, False),
+    ("actor.entropy_coef", 0, None, False), ("actor.ppo_epochs", 1, None, False), ("actor.mini_batches", 1, None, False),
+    ("discriminator.micro_batch_prompts", 1, None, False), ("discriminator.micro_batch_tokens", 0, None, False),
+    ("actor.micro_batch_tokens", 0, None, False), ("discriminator.head_init_std", 0, None, False),
+    ("data.max_prompt_tokens", 1, None, False), ("data.max_response_tokens", 1, None, False),
+    ("data.max_rows", 0, None, False),
+    ("trainer.prompts_per_step", 1, None, False), ("trainer.epochs", 0, None, True), ("trainer.max_steps", 0, None, False),
+    ("trainer.discriminator_warmup", 0, None, False), ("trainer.save_every", 0, None, False),
+    ("trainer.keep_last", 1, None, False), ("trainer.log_every", 1, None, False), ("trainer.eval_every", 0, None, False),
+    ("trainer.eval_prompts", 1, None, False), ("trainer.spike_threshold", 0, None, False),
+    ("discriminator.bradley_terry_coef", 0, None, False), ("discriminator.sft_coef", 0, None, False),
+    ("discriminator.updates_per_step", 1, None, False), ("actor.sft_coef", 0, None, False),
+    ("actor.dpo_beta", 0, None, True), ("actor.reference_refresh_every", 0, None, False),
+)
+"""Numeric fields that must be finite and within a range."""
+NON_EMPTY = (("model.actor_path", "a hub id or a folder"), ("data.train_files", "one or more files"),
+             ("trainer.output_dir", "a folder"), ("trainer.resume", "auto, none or a checkpoint folder"))
+"""Text fields that must name something."""
 
-    def need(ok: bool, flag: str, rule: str, value):
-        if not ok:
-            problems.append(f"--{flag} must be {rule}, got {value!r}")
 
-    def number(flag: str, value, low=None, high=None, low_open=False, high_open=False):
-        ok = _finite(value)
-        if ok and low is not None:
-            ok = value > low if low_open else value >= low
-        if ok and high is not None:
-            ok = value < high if high_open else value <= high
-        if low is not None and high is not None:
-            rule = f"{'>' if low_open else '>='} {low} and {'<' if high_open else '<='} {high}"
-        elif low is not None:
-            rule = f"{'>' if low_open else '>='} {low}"
-        else:
-            rule = "a finite number"
-        need(ok, flag, rule, value)
+def _value(cfg: "GADConfig", flag: str):
+    section, name = flag.split(".", 1)
+    return getattr(getattr(cfg, section), name)
 
-    def choice(flag: str, value, options):
-        need(value in options, flag, "one of " + ", ".join(map(str, options)), value)
 
-    t, r, d, a, c = cfg.trainer, cfg.rollout, cfg.data, cfg.actor, cfg.discriminator
-    from gadchat.stages import RECIPES
+def _range_problem(flag: str, value, low, high, low_open: bool) -> str | None:
+    """``--flag must be ..., got X`` when ``value`` is not a finite number within the range, else None."""
+    if _finite(value) and (value > low if low_open else value >= low) and (high is None or value <= high):
+        return None
+    rule = f"{'>' if low_open else '>='} {low}" + (f" and <= {high}" if high is not None else "")
+    return f"--{flag} must be {rule}, got {value!r}"
 
-    choice("trainer.stage", t.stage, tuple(RECIPES))
-    recipe = RECIPES.get(t.stage)
-    choice("rollout.backend", r.backend, ("auto", "vllm", "hf"))
-    choice("discriminator.pooling", c.pooling, ("last", "sum", "mean"))
-    choice("discriminator.baseline", c.baseline, ("pi_old", "reference"))
-    number("discriminator.bradley_terry_coef", c.bradley_terry_coef, 0)
-    number("discriminator.sft_coef", c.sft_coef, 0)
-    need(isinstance(c.updates_per_step, int) and c.updates_per_step >= 1, "discriminator.updates_per_step",
-         ">= 1", c.updates_per_step)
-    need(c.bradley_terry_coef > 0 or c.sft_coef > 0, "discriminator.bradley_terry_coef",
-         "> 0 unless --discriminator.sft_coef > 0 (the discriminator needs a loss)", c.bradley_terry_coef)
-    choice("actor.reward_form", a.reward_form, ("token", "sequence"))
-    number("actor.sft_coef", a.sft_coef, 0)
-    number("actor.dpo_beta", a.dpo_beta, 0, low_open=True)
-    need(isinstance(a.reference_refresh_every, int) and a.reference_refresh_every >= 0,
-         "actor.reference_refresh_every", ">= 0", a.reference_refresh_every)
-    need(not t.oracle_reward or bool(cfg.model.teacher_path), "trainer.oracle_reward",
-         "false unless --model.teacher_path names the teacher whose log-ratio is the reward", t.oracle_reward)
-    choice("data.overlong", d.overlong, ("skip", "error"))
-    choice("deepspeed.zero_stage", cfg.deepspeed.zero_stage, (0, 1, 2, 3))
-    choice("model.dtype", cfg.model.dtype, DTYPES)
-    choice("trainer.on_nonfinite", t.on_nonfinite, ("error", "skip"))
-    number("trainer.spike_threshold", t.spike_threshold, low=0)
-    need(bool(str(cfg.model.actor_path).strip()), "model.actor_path", "a hub id or a folder", cfg.model.actor_path)
-    need(bool(str(d.train_files).strip()), "data.train_files", "one or more files", d.train_files)
-    need(bool(str(t.output_dir).strip()), "trainer.output_dir", "a folder", t.output_dir)
-    # rollout
-    need(isinstance(r.n, int) and r.n >= 1, "rollout.n", ">= 1", r.n)
-    number("rollout.temperature", r.temperature, 0, low_open=True)
-    number("rollout.top_p", r.top_p, 0, 1, low_open=True)
-    number("rollout.max_new_tokens", r.max_new_tokens, 1)
-    number("rollout.vllm_gpu_memory_utilization", r.vllm_gpu_memory_utilization, 0, 1, low_open=True)
-    number("rollout.vllm_cpu_kvcache_gib", r.vllm_cpu_kvcache_gib, 0, low_open=True)
-    number("rollout.tensor_parallel_size", r.tensor_parallel_size, 1)
-    number("rollout.sync_bucket_mb", r.sync_bucket_mb, 0, low_open=True)
-    number("rollout.hf_micro_batch_size", r.hf_micro_batch_size, 1)
-    # optimizers
-    stage_roles = recipe.roles(cfg) if recipe is not None else {}
-    trained = {role.optimizer_section for role in stage_roles.values() if role.trains}
-    for name, section in (("actor", a), ("discriminator", c)):
-        if name in trained:
-            number(f"{name}.lr", section.lr, 0)  # 0 = weights held (hand-off probes); negative is refused
-        number(f"{name}.weight_decay", section.weight_decay, 0)
-        number(f"{name}.grad_clip", section.grad_clip, 0)
-        try:
-            betas = parse_betas(section.betas)
-            ok = len(betas) == 2 and all(0 <= b < 1 for b in betas)
-        except ValueError:
-            ok = False
-        need(ok, f"{name}.betas", "two comma-separated numbers in [0, 1), e.g. 0.9,0.999", section.betas)
-    number("actor.micro_batch_size", a.micro_batch_size, 1)
-    number("actor.clip_eps", a.clip_eps, 0, low_open=True)
-    number("actor.kl_coef", a.kl_coef, 0)
-    number("actor.entropy_coef", a.entropy_coef, 0)
-    number("actor.ppo_epochs", a.ppo_epochs, 1)
-    number("actor.mini_batches", a.mini_batches, 1)
-    number("discriminator.micro_batch_prompts", c.micro_batch_prompts, 1)
-    number("discriminator.micro_batch_tokens", c.micro_batch_tokens, 0)
-    number("actor.micro_batch_tokens", a.micro_batch_tokens, 0)
-    number("discriminator.head_init_std", c.head_init_std, 0)
-    # data
-    number("data.max_prompt_tokens", d.max_prompt_tokens, 1)
-    number("data.max_response_tokens", d.max_response_tokens, 1)
-    number("data.max_rows", d.max_rows, 0)
-    need(_finite(d.eval_split) and (d.eval_split == 0 or 0 < d.eval_split < 1), "data.eval_split",
-         "0 (off) or a fraction > 0 and < 1", d.eval_split)
-    # trainer
-    number("trainer.prompts_per_step", t.prompts_per_step, 1)
-    number("trainer.epochs", t.epochs, 0, low_open=True)
-    number("trainer.max_steps", t.max_steps, 0)
-    number("trainer.discriminator_warmup", t.discriminator_warmup, 0)
-    number("trainer.save_every", t.save_every, 0)
-    number("trainer.keep_last", t.keep_last, 1)
-    number("trainer.log_every", t.log_every, 1)
-    number("trainer.eval_every", t.eval_every, 0)
-    number("trainer.eval_prompts", t.eval_prompts, 1)
-    need(bool(str(t.resume).strip()), "trainer.resume", "auto, none or a checkpoint folder", t.resume)
-    if recipe is not None:  # the stage's own rules (e.g. GAD's n >= 2)
-        problems.extend(recipe.config_problems(cfg))
+
+def _betas_ok(text) -> bool:
+    try:
+        betas = parse_betas(text)
+    except ValueError:
+        return False
+    return len(betas) == 2 and all(0 <= b < 1 for b in betas)
+
+
+def value_problems(cfg: "GADConfig", trained_sections=("actor", "discriminator")) -> list:
+    """Pure: the flags of ``cfg`` whose values are out of range, as ``--flag must ..., got X`` texts.
+    ``trained_sections``: the optimizer sections of the roles the stage trains (their ``lr`` is
+    checked). The stage's own rules (its name, GAD's ``n >= 2``, ...) are the stage layer's
+    (:func:`gadchat.stages.configure.validate`)."""
+    problems = [f"--{flag} must be one of {', '.join(map(str, options))}, got {_value(cfg, flag)!r}"
+                for flag, options in CHOICES if _value(cfg, flag) not in options]
+    problems += [f"--{flag} must be {rule}, got {_value(cfg, flag)!r}"
+                 for flag, rule in NON_EMPTY if not str(_value(cfg, flag)).strip()]
+    if cfg.trainer.oracle_reward and not cfg.model.teacher_path:
+        problems.append("--trainer.oracle_reward must be false unless --model.teacher_path names the teacher whose "
+                        f"log-ratio is the reward, got {cfg.trainer.oracle_reward!r}")
+    if not (isinstance(cfg.rollout.n, int) and cfg.rollout.n >= 1):
+        problems.append(f"--rollout.n must be >= 1, got {cfg.rollout.n!r}")
+    lr_ranges = tuple((f"{name}.lr", 0, None, False) for name in trained_sections)  # 0: weights held (probes)
+    problems += [text for flag, low, high, low_open in lr_ranges + RANGES
+                 if (text := _range_problem(flag, _value(cfg, flag), low, high, low_open))]
+    problems += [f"--{name}.betas must be two comma-separated numbers in [0, 1), e.g. 0.9,0.999, got "
+                 f"{getattr(cfg, name).betas!r}" for name in ("actor", "discriminator")
+                 if not _betas_ok(getattr(cfg, name).betas)]
+    scorer = cfg.discriminator
+    if _finite(scorer.bradley_terry_coef) and _finite(scorer.sft_coef) and not (scorer.bradley_terry_coef > 0
+                                                                                 or scorer.sft_coef > 0):
+        problems.append("--discriminator.bradley_terry_coef must be > 0 unless --discriminator.sft_coef > 0 (the "
+                        f"discriminator needs a loss), got {scorer.bradley_terry_coef!r}")
+    split = cfg.data.eval_split
+    if not (_finite(split) and (split == 0 or 0 < split < 1)):
+        problems.append(f"--data.eval_split must be 0 (off) or a fraction > 0 and < 1, got {split!r}")
     return problems
 
 
@@ -422,20 +396,13 @@ def path_problems(cfg: "GADConfig") -> list:
                 problems.append(f"--{flag} {value}: is a file, not a model folder")
     if cfg.trainer.init_from and not Path(cfg.trainer.init_from).is_dir():
         problems.append(f"--trainer.init_from {cfg.trainer.init_from}: no such folder")
-    ds_file = cfg.deepspeed.config_file
-    if ds_file:
-        path = Path(ds_file)
-        if not path.is_file():
-            problems.append(f"--deepspeed.config_file {ds_file}: no such file")
-        else:
-            try:
-                loaded = json.loads(path.read_text(encoding="utf-8"))
-                if not isinstance(loaded, dict):
-                    problems.append(f"--deepspeed.config_file {ds_file}: expected a JSON object, got {type(loaded).__name__}")
-                elif deepspeed_json_problem(loaded):
-                    problems.append(f"--deepspeed.config_file {ds_file}: {deepspeed_json_problem(loaded)}")
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                problems.append(f"--deepspeed.config_file {ds_file}: not valid JSON ({exc})")
+    if cfg.deepspeed.config_file:
+        try:
+            problem = deepspeed_json_problem(read_deepspeed_json(cfg.deepspeed.config_file))
+            if problem:
+                problems.append(f"--deepspeed.config_file {cfg.deepspeed.config_file}: {problem}")
+        except ValueError as exc:
+            problems.append(str(exc))
     out = Path(cfg.trainer.output_dir)
     if out.exists() and not out.is_dir():
         problems.append(f"--trainer.output_dir {out}: is a file, not a folder")
@@ -444,6 +411,21 @@ def path_problems(cfg: "GADConfig") -> list:
         if parent is not None and not parent.is_dir():
             problems.append(f"--trainer.output_dir {out}: {parent} is a file, not a folder")
     return problems
+
+
+def read_deepspeed_json(ds_file: str) -> dict:
+    """The JSON object of ``--deepspeed.config_file``; ValueError naming the flag when the file is
+    missing, not JSON or not an object."""
+    path = Path(ds_file)
+    if not path.is_file():
+        raise ValueError(f"--deepspeed.config_file {ds_file}: no such file")
+    try:
+        loaded = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"--deepspeed.config_file {ds_file}: not valid JSON ({exc})") from None
+    if not isinstance(loaded, dict):
+        raise ValueError(f"--deepspeed.config_file {ds_file}: expected a JSON object, got {type(loaded).__name__}")
+    return loaded
 
 
 def _key_path(tree, key, value, prefix: str = "") -> str | None:
@@ -525,8 +507,24 @@ def _sections(cfg: GADConfig):
         yield section.name, getattr(cfg, section.name)
 
 
+ALIASES = {"trainer.critic_warmup": "trainer.discriminator_warmup"}
+"""Published names (the official GAD recipe, verl) accepted for our fields, as flags and in YAML."""
+
+
+def _field_name(section_name: str, key: str, values: dict, source: str) -> str:
+    """The field ``key`` of a section's ``values`` stands for (an alias names its field)."""
+    target = ALIASES.get(f"{section_name}.{key}")
+    if target is None:
+        return key
+    field_name = target.split(".", 1)[1]
+    if field_name in values:
+        raise ValueError(f"{source}: {section_name}.{key} and {target} name the same field; give one")
+    return field_name
+
+
 def apply_overrides(cfg: GADConfig, overrides: dict, source: str) -> GADConfig:
-    """Set ``{section: {field: value}}`` on ``cfg``; unknown keys are errors naming ``source``."""
+    """Set ``{section: {field: value}}`` on ``cfg`` (an alias of :data:`ALIASES` sets its field);
+    unknown keys are errors naming ``source``."""
     sections = dict(_sections(cfg))
     for section_name, values in (overrides or {}).items():
         if section_name not in sections:
@@ -536,6 +534,7 @@ def apply_overrides(cfg: GADConfig, overrides: dict, source: str) -> GADConfig:
         obj = sections[section_name]
         known = {f.name: f for f in dataclasses.fields(obj)}
         for key, value in values.items():
+            key = _field_name(section_name, key, values, source)
             if key not in known:
                 raise ValueError(f"{source}: unknown field {section_name}.{key}")
             kind = _field_type(type(obj), known[key])
@@ -543,25 +542,21 @@ def apply_overrides(cfg: GADConfig, overrides: dict, source: str) -> GADConfig:
     return cfg
 
 
-def build_parser(description: str = "GAD-Chat training", stage: str | None = None) -> argparse.ArgumentParser:
-    """Every field as ``--section.field``, its help the field's doc and its default (the stage's
-    published default where ``stage`` has one)."""
+def build_parser(description: str = "GAD-Chat training", defaults: GADConfig | None = None) -> argparse.ArgumentParser:
+    """Every field as ``--section.field``, its help the field's doc and its default (from
+    ``defaults``: a stage's published defaults, :func:`gadchat.stages.configure.build_parser`)."""
     parser = argparse.ArgumentParser(description=description, allow_abbrev=False)  # --trainer.over is no --trainer.overwrite
     parser.add_argument("--config", default="", help="YAML file with the same sections as the flags")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=-1, help=argparse.SUPPRESS)
-    defaults = GADConfig()
-    if stage is not None:
-        from gadchat.stages import RECIPES
-
-        if stage in RECIPES:
-            apply_overrides(defaults, RECIPES[stage].defaults, f"stage defaults ({stage})")
+    defaults = defaults if defaults is not None else GADConfig()
     for section_name, obj in _sections(defaults):
         group = parser.add_argument_group(section_name)
         for f in dataclasses.fields(obj):
             kind = _field_type(type(obj), f)
+            name = f"{section_name}.{f.name}"
             group.add_argument(
-                f"--{section_name}.{f.name}",
-                dest=f"{section_name}.{f.name}",
+                f"--{name}", *(f"--{alias}" for alias, target in ALIASES.items() if target == name),
+                dest=name,
                 type=_parse_bool if kind is bool else kind,
                 default=None,
                 help=f"{help_text(type(obj), f.name)} (default: {getattr(obj, f.name)!r})".lstrip(),
@@ -569,9 +564,11 @@ def build_parser(description: str = "GAD-Chat training", stage: str | None = Non
     return parser
 
 
-def load_config(argv=None, stage: str | None = None, description: str = "GAD-Chat training") -> GADConfig:
-    """Defaults, then the stage's published defaults, then ``--config`` YAML, then flags."""
-    parser = build_parser(description, stage)
+def parse_config(argv, stage: str | None, parser: argparse.ArgumentParser, stage_defaults) -> GADConfig:
+    """Pure parsing, unvalidated: the dataclass defaults, then ``stage_defaults(name)`` (the chosen
+    stage's published values, ``{section: {field: value}}``), then ``--config`` YAML, then flags.
+    The stage is ``stage`` (an entry point's), else ``--trainer.stage``, else the YAML's, else
+    ``warmup``. Validation and the stage layer: :func:`gadchat.stages.configure.load_config`."""
     args = parser.parse_args(argv)
     cfg = GADConfig()
     from_yaml = {}
@@ -597,10 +594,7 @@ def load_config(argv=None, stage: str | None = None, description: str = "GAD-Cha
     yaml_stage = yaml_trainer.get("stage") if isinstance(yaml_trainer, dict) else None
     yaml_stage = yaml_stage if isinstance(yaml_stage, str) else None
     chosen_stage = stage or getattr(args, "trainer.stage") or yaml_stage or "warmup"
-    from gadchat.stages import RECIPES
-
-    if chosen_stage in RECIPES:  # an unknown name is refused by validate(), naming the stages
-        apply_overrides(cfg, RECIPES[chosen_stage].defaults, f"stage defaults ({chosen_stage})")
+    apply_overrides(cfg, stage_defaults(chosen_stage), f"stage defaults ({chosen_stage})")
     cfg.trainer.stage = chosen_stage
     if args.config:
         apply_overrides(cfg, from_yaml, str(path))
@@ -614,7 +608,7 @@ def load_config(argv=None, stage: str | None = None, description: str = "GAD-Cha
     apply_overrides(cfg, flags, "command line")
     if stage and cfg.trainer.stage != stage:
         raise ValueError(f"this entry point runs the {stage!r} stage; got --trainer.stage {cfg.trainer.stage}")
-    return cfg.validate()
+    return cfg
 
 
 def save_config(cfg: GADConfig, path: str | Path) -> None:

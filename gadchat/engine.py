@@ -9,16 +9,14 @@ discriminator scores, and ``update`` (one optimizer step over a plain loop of mi
 
 from __future__ import annotations
 
-import json
 import logging
-from pathlib import Path
 
 import torch
 
 from gadchat import roles as role_kinds
 from gadchat import runtime
 from gadchat.batch import SequenceBatch
-from gadchat.config import GADConfig, parse_betas
+from gadchat.config import GADConfig, parse_betas, read_deepspeed_json
 from gadchat.logprobs import sequence_log_probs
 from gadchat.models import (attn_implementation, eos_token_ids, load_causal_lm, load_discriminator,
                             load_generation_config, load_tokenizer, resolve_model_path)
@@ -55,10 +53,7 @@ def deepspeed_config(cfg: GADConfig, lr_section, train: bool, dtype: torch.dtype
     if train:
         config["gradient_clipping"] = lr_section.grad_clip
     if ds.config_file:
-        path = Path(ds.config_file)
-        if not path.exists():
-            raise FileNotFoundError(f"deepspeed.config_file not found: {path}")
-        user = json.loads(path.read_text())
+        user = read_deepspeed_json(ds.config_file)
         for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
             user.pop(key, None)  # batch geometry is the trainer's: prompts_per_step, n, micro_batch_size
         if not train:
@@ -87,13 +82,15 @@ class ModelUpdate:
     ``training`` is true; dropout, where a model has any) and back in eval mode after it: rollouts,
     reference, old-log-prob and scoring passes run in eval mode, as in verl. The gradient-accumulation
     boundary is set by hand at the last planned backward, so the number of micro-batches may vary
-    from step to step; the optimizer steps when the block ends. ``loss`` is the batch loss (the
-    sum of the backward losses)."""
+    from step to step; the optimizer steps when the block ends, then ``after_step`` runs (the
+    actor's update marks the rollout engine's weights stale). ``loss`` is the batch loss (the sum
+    of the backward losses)."""
 
-    def __init__(self, engine, micro_batches: int):
+    def __init__(self, engine, micro_batches: int, after_step=None):
         if micro_batches < 1:
             raise ValueError("an update needs at least one micro-batch")
         self.engine, self.planned, self.done, self.loss = engine, micro_batches, 0, 0.0
+        self.after_step = after_step
 
     def __enter__(self) -> "ModelUpdate":
         self.engine.train()
@@ -113,6 +110,8 @@ class ModelUpdate:
                 if self.done != self.planned:
                     raise RuntimeError(f"{self.done} backward passes for an update planned with {self.planned}")
                 self.engine.step()
+                if self.after_step is not None:
+                    self.after_step()
         finally:
             self.engine.eval()
 
@@ -194,10 +193,13 @@ class HybridEngine:
         return getattr(self.cfg, self.roles[name].optimizer_section)
 
     def update(self, name: str, micro_batches: int) -> ModelUpdate:
-        """One optimizer step of the trained role ``name`` over ``micro_batches`` backward passes."""
+        """One optimizer step of the trained role ``name`` over ``micro_batches`` backward passes;
+        an actor update that completes marks the rollout engine's weights stale (pushed before the
+        next rollout), so no recipe has to remember it."""
         if not self.trains(name):
             raise RuntimeError(f"the {name} role is frozen in this stage")
-        return ModelUpdate(self.models[name], micro_batches)
+        return ModelUpdate(self.models[name], micro_batches,
+                           after_step=self.mark_actor_updated if name == "actor" else None)
 
     # ------------------------------------------------------------------------------------------
     # construction
@@ -286,6 +288,7 @@ class HybridEngine:
     # rollout
 
     def mark_actor_updated(self):
+        """The actor's weights changed (an update, a loaded checkpoint): push them before the next rollout."""
         self._rollout_needs_sync = self.rollout_class.follows_actor
 
     @torch.no_grad()
@@ -412,12 +415,6 @@ class HybridEngine:
         digests mean untouched weights (a changed float never cancels out exactly in practice)."""
         sums = self.weight_sums(engine)
         return float("nan") if sums["nonfinite"] else sums["sum"] + sums["sum_sq"]
-
-    @torch.no_grad()
-    def rollout_matches_actor(self, prompts: list, max_new_tokens: int) -> float:
-        """Fraction of ``prompts`` on which the rollout engine's greedy continuation equals the
-        actor's own (transformers ``generate`` on the DeepSpeed module)."""
-        return self.rollout_sync_check(prompts, max_new_tokens)["debug/rollout_greedy_match"]
 
     @torch.no_grad()
     def rollout_sync_check(self, prompts: list, max_new_tokens: int) -> dict:

@@ -18,6 +18,8 @@ import torch
 from torch import nn
 
 from gadchat import runtime
+from gadchat.known_teacher_models import BUILD_SPECS, ensure_lm
+from gadchat.tiny import ensure_tiny_model
 
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_SHAPES = {
@@ -47,12 +49,9 @@ def resolve_model_path(path: str) -> str:
         raise FileNotFoundError(
             f"{path} holds no config.json and no final/actor/config.json: give an exported model folder, "
             "a training output dir, or a hub id")
-    from gadchat.known_teacher import RECIPES as TRAINED_RECIPES, ensure_lm
-    from gadchat.tiny import ensure_tiny_model
-
     name = path[len(BUILTIN_PREFIX):]
-    if name not in BUILTIN_SHAPES and name not in TRAINED_RECIPES:
-        known = [*BUILTIN_SHAPES, *TRAINED_RECIPES]
+    if name not in BUILTIN_SHAPES and name not in BUILD_SPECS:
+        known = [*BUILTIN_SHAPES, *BUILD_SPECS]
         raise ValueError(f"unknown builtin model {path!r}; known: {', '.join(BUILTIN_PREFIX + k for k in known)}")
     folder = cache_dir() / f"builtin-{name}"
     if runtime.is_rank0():

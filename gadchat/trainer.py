@@ -27,10 +27,12 @@ from gadchat.engine import HybridEngine
 from gadchat.metrics_log import MetricsLogger
 from gadchat.nonfinite import NonFiniteGuard
 from gadchat.run_lock import FolderBusyError, FolderLock
-from gadchat.stages import common, recipe
+from gadchat.stages import recipe
+from gadchat.stages.base import StageContext, StepResult, stage_seed
 from gadchat.stop_signal import StopRequested, StopWatch
 
 logger = logging.getLogger("gadchat")
+TOKENS = "throughput/tokens"  # the step's tokens, averaged over the ranks with the metrics, then popped
 
 
 class StageTrainer:
@@ -90,13 +92,13 @@ class StageTrainer:
             for text in report.examples_of_skips:
                 logger.warning("skipped: %s", text)
         self.schedule = PromptSchedule(len(self.examples), cfg.trainer.prompts_per_step, self.world_size, self.rank,
-                                       common.stage_seed(cfg.trainer.seed, cfg.trainer.stage), cfg.data.shuffle)
+                                       stage_seed(cfg.trainer.seed, cfg.trainer.stage), cfg.data.shuffle)
         self.total_steps = self.schedule.total_steps(cfg.trainer.epochs, cfg.trainer.max_steps)
         self.checkpoints = checkpoint.CheckpointManager(cfg, self.engine, self.rank, self.world_size,
                                                         num_rows=len(self.examples), total_steps=self.total_steps)
         self.guard = NonFiniteGuard(self.engine, cfg.trainer.on_nonfinite, self.output_dir, self.rank,
                                     cfg.trainer.spike_threshold)
-        self.eval_examples = None
+        self.context = StageContext(cfg, self.engine, self.tokenizer, self.rank, self.world_size)
         self.start_step = 0
         if self.recipe.uses_rollout(cfg):
             self.engine.build_rollout()
@@ -111,12 +113,9 @@ class StageTrainer:
                         ", ".join(f"{k}={v:.1f}{'GiB' if k.startswith('mem/') else 's'}"
                                   for k, v in init_times.items()))
 
-    def step_fn(self, step: int, batch: list) -> dict:
-        """This rank's metrics of one step of the stage on ``batch``."""
-        return self.recipe.step(self, step, batch)
-
-    def rollout_seed(self, step: int) -> int:
-        return common.rollout_seed(self.cfg.trainer.seed, self.cfg.trainer.stage, step, self.rank)
+    def step_fn(self, step: int, batch: list) -> StepResult:
+        """This rank's result of one step of the stage on ``batch``."""
+        return self.recipe.step(self.context, step, batch)
 
     # ------------------------------------------------------------------------------------------
 
@@ -151,11 +150,12 @@ class StageTrainer:
             batch = [self.examples[i] for i in self.schedule.rank_indices(step)]
             counters = self.guard.counters()
             try:
-                local = self.step_fn(step, batch)
+                result = self.step_fn(step, batch)
             except RuntimeError as exc:  # e.g. transformers' sampler on NaN/Inf probabilities
                 if not re.search(r"\b(nan|inf)\b", str(exc), re.IGNORECASE):
                     raise
                 raise self.guard.from_sampler(step, exc) from exc
+            local = dict(result.metrics)
             if t.log_param_digest:
                 local.update(self.param_digests())
             if t.verify_rollout_sync:
@@ -163,10 +163,10 @@ class StageTrainer:
             local.update(self.engine.timer.timings())
             local["time/step"] = time.perf_counter() - started
             digests = {k: local.pop(k) for k in list(local) if k.startswith("digest/")}
-            metrics = runtime.all_reduce_mean(local)
+            metrics = runtime.all_reduce_mean({**local, TOKENS: result.tokens})  # one collective
+            tokens = metrics.pop(TOKENS) * self.world_size
             metrics.update(digests)  # already global sums
             metrics["epoch"] = self.schedule.epoch_of(step + 1)
-            tokens = metrics.pop("tokens", 0.0) * self.world_size
             metrics["throughput/tokens_per_s"] = tokens / max(metrics["time/step"], 1e-9)
             self.guard.check(step + 1, metrics, counters, self.metrics.log)
             last = metrics

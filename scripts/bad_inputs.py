@@ -29,8 +29,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
-STEP = {"seqkd": "training/step1_seqkd/main.py", "warmup": "training/step2_warmup/main.py",
-        "gad": "training/step3_gad/main.py"}
+from gadchat.stages import RECIPES, step_main  # noqa: E402  (the stages' step folders: the registry)
+
 KEY = "sk-bad-inputs-SECRET-0000"
 
 
@@ -38,7 +38,7 @@ KEY = "sk-bad-inputs-SECRET-0000"
 class Case:
     id: str
     tool: str
-    """warmup | gad | seqkd | collect | evaluate | export"""
+    """a stage of the registry (:data:`gadchat.stages.RECIPES`) | collect | evaluate | export"""
     title: str
     args: Callable
     """``(tmp: Path, server_url: str) -> list`` of command-line arguments."""
@@ -367,8 +367,8 @@ CASES = [
 
 
 def command(tool: str) -> list:
-    if tool in STEP:
-        return [sys.executable, str(REPO / STEP[tool])]
+    if tool in RECIPES:
+        return [sys.executable, str(step_main(tool))]
     module = {"collect": "applications.collect_teacher_data", "evaluate": "applications.evaluate",
               "export": "inference.export"}[tool]
     return [sys.executable, "-m", module]

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from gadchat.config import (GADConfig, build_parser, config_from_dict, load_config, save_config)
+from gadchat.config import GADConfig, config_from_dict, save_config
+from gadchat.stages.configure import build_parser, load_config, validate
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -309,7 +310,7 @@ def test_validate_rejects_bad_values(section, name, value, text):
     cfg = GADConfig()
     setattr(getattr(cfg, section), name, value)
     with pytest.raises(ValueError, match="invalid configuration") as info:
-        cfg.validate()
+        validate(cfg)
     assert text in str(info.value)
 
 
@@ -317,7 +318,7 @@ def test_validate_reports_all_problems_and_runs_on_flags():
     cfg = GADConfig()
     cfg.trainer.stage, cfg.rollout.backend, cfg.deepspeed.zero_stage = "x", "y", 9
     with pytest.raises(ValueError) as info:
-        cfg.validate()
+        validate(cfg)
     message = str(info.value)
     assert "trainer.stage" in message and "rollout.backend" in message and "deepspeed.zero_stage" in message
     with pytest.raises(ValueError, match="deepspeed.zero_stage must be one of 0, 1, 2, 3, got 5"):
@@ -327,8 +328,8 @@ def test_validate_reports_all_problems_and_runs_on_flags():
     with pytest.raises(ValueError, match="trainer.stage must be one of"):
         load_config(["--trainer.stage", "rlhf"])
     for stage in ("seqkd", "warmup", "gad"):
-        assert GADConfig().validate() is not None
-        assert load_config([], stage=stage).validate().trainer.stage == stage
+        assert validate(GADConfig()) is not None
+        assert validate(load_config([], stage=stage)).trainer.stage == stage
 
 
 # ----------------------------------------------------------------------------------------------
@@ -377,7 +378,7 @@ def test_missing_user_deepspeed_json_is_a_clear_error(tmp_path):
     from gadchat.engine import deepspeed_config
 
     cfg = load_config(["--deepspeed.config_file", str(tmp_path / "missing.json")])
-    with pytest.raises(FileNotFoundError, match=r"deepspeed.config_file not found: .*missing\.json"):
+    with pytest.raises(ValueError, match=r"--deepspeed.config_file .*missing\.json: no such file"):
         deepspeed_config(cfg, cfg.actor, train=True, dtype=torch.float32)
 
 
@@ -469,3 +470,15 @@ def test_paths_are_checked_before_any_engine(tmp_path):
         load_config(["--deepspeed.config_file", str(broken)]).check_paths()
     with pytest.raises(ValueError, match=r"--trainer.init_from .*: no such folder"):
         load_config(["--trainer.init_from", str(tmp_path / "none")], stage="gad").check_paths()
+
+
+def test_the_official_name_critic_warmup_is_an_alias_in_flags_yaml_and_help(tmp_path):
+    """The official GAD recipe and verl call the actor gate ``trainer.critic_warmup``."""
+    assert load_config(["--trainer.critic_warmup", "4"], stage="warmup").trainer.discriminator_warmup == 4
+    config = tmp_path / "official.yaml"
+    config.write_text("trainer:\n  critic_warmup: 7\n")
+    assert load_config(["--config", str(config)], stage="gad").trainer.discriminator_warmup == 7
+    config.write_text("trainer:\n  critic_warmup: 7\n  discriminator_warmup: 3\n")
+    with pytest.raises(ValueError, match="critic_warmup and trainer.discriminator_warmup name the same field"):
+        load_config(["--config", str(config)])
+    assert "--trainer.critic_warmup" in build_parser(stage="gad").format_help()

@@ -11,7 +11,7 @@ from gadchat.config import DataConfig
 from gadchat.data import encode_prompt, encode_response, load_teacher_data
 from gadchat.batch import SequenceBatch
 from gadchat.models import load_discriminator
-from gadchat.rollout import trim_at_eos
+from gadchat.generation import trim_at_eos
 
 
 @pytest.fixture(scope="module")

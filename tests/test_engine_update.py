@@ -36,3 +36,53 @@ def test_checkpointing_runs_in_updates_and_chunked_log_probs_match_under_zero3(t
     assert probe["grad_norm"] > 0
     for name, diff in probe["grad_rel_diff"].items():
         assert diff is not None and diff < 1e-4, (name, diff)
+
+
+class _FakeDeepSpeedEngine:
+    """The calls ``ModelUpdate`` makes on a DeepSpeed engine, counted."""
+
+    def __init__(self):
+        self.steps, self.training = 0, False
+
+    def train(self):
+        self.training = True
+
+    def eval(self):
+        self.training = False
+
+    def set_gradient_accumulation_boundary(self, flag):
+        pass
+
+    def backward(self, loss, scale_wrt_gas=False):
+        pass
+
+    def step(self):
+        self.steps += 1
+
+
+def test_an_actor_update_marks_the_rollout_weights_stale_only_when_it_completes():
+    import torch
+
+    from gadchat.engine import HybridEngine
+    from gadchat.roles import actor, discriminator
+
+    hybrid = HybridEngine.__new__(HybridEngine)  # the update bookkeeping only: no models built
+    hybrid.roles = {"actor": actor(), "discriminator": discriminator()}
+    hybrid.models = {"actor": _FakeDeepSpeedEngine(), "discriminator": _FakeDeepSpeedEngine()}
+    hybrid.rollout_class = type("FollowsActor", (), {"follows_actor": True})
+    hybrid._rollout_needs_sync = False
+
+    with hybrid.update("discriminator", 1) as update:
+        update.backward(torch.tensor(1.0))
+    assert not hybrid._rollout_needs_sync  # the discriminator does not touch the rollout weights
+
+    with pytest.raises(ValueError):
+        with hybrid.update("actor", 1) as update:
+            raise ValueError("the step failed before its backward")
+    assert not hybrid._rollout_needs_sync and hybrid.models["actor"].steps == 0
+
+    with hybrid.update("actor", 2) as update:
+        update.backward(torch.tensor(1.0))
+        update.backward(torch.tensor(2.0))
+    assert hybrid._rollout_needs_sync and hybrid.models["actor"].steps == 1
+    assert not hybrid.models["actor"].training  # back in eval mode

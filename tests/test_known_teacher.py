@@ -83,8 +83,8 @@ def test_reward_diagnostics_on_a_hand_made_case():
 # the teacher build and its data
 
 
-def _small_recipe(steps: int = 3):
-    from gadchat.known_teacher import TEACHER
+def _small_spec(steps: int = 3):
+    from gadchat.known_teacher_models import TEACHER
 
     return dataclasses.replace(TEACHER, hidden_size=64, num_layers=1, intermediate_size=128, steps=steps, num_heads=2,
                                tokens_per_batch=1024)
@@ -93,7 +93,7 @@ def _small_recipe(steps: int = 3):
 def test_paragraph_examples_end_in_eos_and_fit(tmp_path):
     from transformers import AutoTokenizer
 
-    from gadchat.known_teacher import PARAGRAPH_TOKENS, SHIPPED, paragraph_examples, read_rows
+    from gadchat.known_teacher_models import PARAGRAPH_TOKENS, SHIPPED, paragraph_examples, read_rows
     from gadchat.tiny import build_tokenizer
 
     build_tokenizer(tmp_path)
@@ -110,14 +110,14 @@ def test_paragraph_examples_end_in_eos_and_fit(tmp_path):
 def test_teacher_build_is_deterministic(tmp_path):
     from safetensors.torch import load_file
 
-    from gadchat.known_teacher import SHIPPED, build_lm, read_rows
+    from gadchat.known_teacher_models import SHIPPED, build_lm, read_rows
 
     rows = read_rows(SHIPPED / "train.jsonl")[:40]
-    first = load_file(str(build_lm(tmp_path / "a", _small_recipe(), rows=rows, log=None) / "model.safetensors"))
-    second = load_file(str(build_lm(tmp_path / "b", _small_recipe(), rows=rows, log=None) / "model.safetensors"))
+    first = load_file(str(build_lm(tmp_path / "a", _small_spec(), rows=rows, log=None) / "model.safetensors"))
+    second = load_file(str(build_lm(tmp_path / "b", _small_spec(), rows=rows, log=None) / "model.safetensors"))
     assert first.keys() == second.keys()
     assert all(torch.equal(first[k], second[k]) for k in first)
-    untrained = load_file(str(build_lm(tmp_path / "c", _small_recipe(steps=0), rows=rows, log=None) / "model.safetensors"))
+    untrained = load_file(str(build_lm(tmp_path / "c", _small_spec(steps=0), rows=rows, log=None) / "model.safetensors"))
     assert any(not torch.equal(first[k], untrained[k]) for k in first)  # training moved it
 
 
@@ -127,10 +127,11 @@ def test_teacher_data_is_published_layout_read_by_the_data_path(tmp_path, backen
 
     from gadchat.config import DataConfig
     from gadchat.data import load_teacher_data
-    from gadchat.known_teacher import SHIPPED, build_lm, read_rows, sample_teacher_data
+    from applications.known_teacher_eval import sample_teacher_data
+    from gadchat.known_teacher_models import SHIPPED, build_lm, read_rows
 
     rows = read_rows(SHIPPED / "test.jsonl")[:12]
-    teacher = build_lm(tmp_path / "teacher", _small_recipe(steps=2), rows=read_rows(SHIPPED / "train.jsonl")[:10], log=None)
+    teacher = build_lm(tmp_path / "teacher", _small_spec(steps=2), rows=read_rows(SHIPPED / "train.jsonl")[:10], log=None)
     out = tmp_path / "data" / "train.jsonl"
     counts = sample_teacher_data(str(teacher), rows, out, max_new_tokens=8, seed=0, backend=backend)
     written = [json.loads(line) for line in out.read_text().splitlines()]
@@ -150,20 +151,36 @@ def test_evaluation_metrics_of_the_teacher_against_itself(tmp_path):
     """The teacher scored as its own student: reverse KL exactly 0, forward NLL = its own NLL."""
     from transformers import AutoTokenizer
 
-    from gadchat.known_teacher import SHIPPED, build_lm, evaluate_against_teacher, read_rows
+    from applications.known_teacher_eval import evaluate_against_teacher, held_out
+    from gadchat.known_teacher_models import SHIPPED, build_lm, read_rows
 
-    teacher = build_lm(tmp_path / "teacher", _small_recipe(steps=2), rows=read_rows(SHIPPED / "train.jsonl")[:10], log=None)
+    teacher = build_lm(tmp_path / "teacher", _small_spec(steps=2), rows=read_rows(SHIPPED / "train.jsonl")[:10], log=None)
     test_rows = read_rows(SHIPPED / "test.jsonl")[:4]
     data = tmp_path / "test.jsonl"
     data.write_text("".join(json.dumps({"content": r["content"], "teacher_response": "Sure. It is so."}) + "\n" for r in test_rows))
-    from gadchat.known_teacher import held_out
-
     heldout = held_out(data, AutoTokenizer.from_pretrained(teacher))
     out = evaluate_against_teacher({"self": str(teacher)}, str(teacher), heldout, samples_per_prompt=2,
                                    max_new_tokens=6, backend="hf", log=None)["self"]
     assert out["reverse_kl"] == pytest.approx(0.0, abs=1e-6)
     assert out["samples"] == 8 and 0 <= out["eos_share"] <= 1 and out["length"] <= 6
     assert math.isfinite(out["forward_nll"]) and out["forward_nll"] > 0
+
+
+def test_response_log_probs_read_each_response_position_through_the_core_path(tiny_model):
+    """The evaluation's log-probs (the core's sequence_log_probs) laid out by response position:
+    ``log softmax(logits)[next token]`` at the position before each response token."""
+    from applications.known_teacher_eval import load_scorer, response_log_probs
+
+    model = load_scorer(str(tiny_model))
+    prompts, responses = [[5, 6, 7], [8, 9]], [[10, 11], [12, 13, 14]]
+    log_probs, mask = response_log_probs(model, prompts, responses, pad_token_id=0, batch_size=1)
+    assert log_probs.shape == mask.shape == (2, 3) and mask.sum(dim=1).tolist() == [2.0, 3.0]
+    for row, (prompt, response) in enumerate(zip(prompts, responses)):
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([prompt + response])).logits[0].float().log_softmax(-1)
+        expected = torch.stack([logits[len(prompt) - 1 + i, token] for i, token in enumerate(response)])
+        assert torch.allclose(log_probs[row, : len(response)], expected, atol=1e-5)
+        assert log_probs[row, len(response):].abs().sum() == 0
 
 
 def test_benchmark_summary_table_and_goal_checks():
@@ -194,16 +211,17 @@ def test_benchmark_summary_table_and_goal_checks():
 
 def test_oracle_reward_and_pooling_flags_are_validated():
     from gadchat.config import GADConfig
+    from gadchat.stages.configure import validate
 
     cfg = GADConfig()
     cfg.trainer.oracle_reward = True
     with pytest.raises(ValueError, match="trainer.oracle_reward"):
-        cfg.validate()
+        validate(cfg)
     cfg.model.teacher_path = "builtin:kt-teacher"
-    cfg.validate()
+    validate(cfg)
     cfg.discriminator.pooling = "max"
     with pytest.raises(ValueError, match="discriminator.pooling"):
-        cfg.validate()
+        validate(cfg)
 
 
 def test_missing_teacher_path_is_refused_up_front(tmp_path):

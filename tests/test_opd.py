@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from gadchat.config import load_config
+from gadchat.stages.configure import load_config
 from gadchat.losses import ppo_clip_loss
 from gadchat.stages import RECIPES, step_main
 from gadchat.stages.opd import reverse_kl_advantages

@@ -306,7 +306,7 @@ def test_a_full_disk_ends_every_rank_with_one_line_and_no_partial_file(tiny_mode
 
 
 def test_abbreviated_flags_are_refused(capsys):
-    from gadchat.config import load_config
+    from gadchat.stages.configure import load_config
 
     with pytest.raises(SystemExit) as stopped:
         load_config(["--trainer.over", "true", "--trainer.res", "none"], stage="warmup")

@@ -209,19 +209,22 @@ def test_a_built_wheel_carries_the_package_data_and_works_outside_the_repository
     wheel = next((tmp_path / "dist").glob("gadchat-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     assert "gadchat/resources/judge_prompt.txt" in names and "gadchat/resources/tokenizer_corpus.jsonl" in names
+    assert "gadchat/resources/alpaca_eval_gpt4o/train.jsonl" in names  # the known-teacher builds' data
     target = tmp_path / "site"
     installed_wheel = subprocess.run([*pip, "install", "--no-deps", "--no-index", "--target", str(target), str(wheel)],
                                      capture_output=True, text=True, timeout=600)
     assert installed_wheel.returncode == 0, installed_wheel.stderr[-3000:]
     probe = ("import json, gadchat, gadchat.tiny as tiny; from gadchat.judge import load_judge_template; "
-             "print(json.dumps([gadchat.__file__, len(load_judge_template()), len(list(tiny._corpus_lines()))]))")
+             "from gadchat.known_teacher_models import SHIPPED, read_rows; "
+             "print(json.dumps([gadchat.__file__, len(load_judge_template()), len(list(tiny._corpus_lines())), "
+             "len(read_rows(SHIPPED / 'train.jsonl'))]))")
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     env = dict(os.environ, PYTHONPATH=str(target))
     result = subprocess.run([sys.executable, "-c", probe], cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    where, prompt_chars, texts = json.loads(result.stdout.strip().splitlines()[-1])
-    assert Path(where).is_relative_to(target) and prompt_chars > 100 and texts == 1400
+    where, prompt_chars, texts, shipped_rows = json.loads(result.stdout.strip().splitlines()[-1])
+    assert Path(where).is_relative_to(target) and prompt_chars > 100 and texts == 1400 and shipped_rows == 700
 
 
 # -- the algorithm's documentation ---------------------------------------------------------------

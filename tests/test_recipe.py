@@ -15,11 +15,13 @@ import pytest
 import torch
 
 from conftest import HAS_VLLM, REPO, launch, read_metrics, subprocess_env, tiny_args
-from gadchat.config import load_config
+from gadchat.stages.configure import load_config
 from gadchat.data import PromptSchedule, encode_response
 from gadchat.batch import SequenceBatch
 from gadchat.models import eos_token_ids, load_generation_config
-from gadchat.stages.common import rollout_seed, sample_temperature, sft_temperature, stage_seed
+from gadchat.stages import STAGES
+from gadchat.stages.base import rollout_seed, stage_seed
+from gadchat.stages.common import sample_temperature, sft_temperature
 
 
 @pytest.fixture(scope="module")
@@ -73,9 +75,9 @@ import json, sys
 from gadchat import runtime
 runtime.set_process_defaults()
 import torch
-from gadchat.rollout import VLLMRollout
+from gadchat.generation import VLLMBackend
 folder, prompt, eos = sys.argv[1], json.loads(sys.argv[2]), set(json.loads(sys.argv[3]))
-rollout = VLLMRollout(folder, folder, torch.float32, max_model_len=256, eos_ids=eos, seed=0)
+rollout = VLLMBackend(folder, folder, torch.float32, max_model_len=256, eos_ids=eos, seed=0)
 out = rollout.generate([prompt], n=1, temperature=0.0, top_p=1.0, max_new_tokens=12, seed=0, greedy=True)
 print("@@" + json.dumps(out[0][0]))
 """
@@ -88,11 +90,11 @@ def test_both_backends_stop_on_a_generation_config_eos(tiny_model, tokenizer, tm
     from transformers import AutoModelForCausalLM
 
     from gadchat.data import encode_prompt
-    from gadchat.rollout import HFRollout
+    from gadchat.generation import HFBackend
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
     prompt = encode_prompt(tokenizer, [{"role": "user", "content": "Name three primary colours."}])
-    free = HFRollout(SimpleNamespace(module=model), tokenizer.pad_token_id, {tokenizer.eos_token_id}, False)
+    free = HFBackend(SimpleNamespace(module=model), tokenizer.pad_token_id, {tokenizer.eos_token_id}, False)
     tokens = free.generate([prompt], 1, 1.0, 1.0, 12, seed=0, greedy=True)[0][0]
     assert tokenizer.eos_token_id not in tokens and len(tokens) == 12, tokens
     # the latest first occurrence of a token (a random tiny model often repeats one token throughout)
@@ -107,7 +109,7 @@ def test_both_backends_stop_on_a_generation_config_eos(tiny_model, tokenizer, tm
     assert eos == {tokenizer.eos_token_id, extra}
     expected = tokens[: position + 1]
 
-    hf = HFRollout(SimpleNamespace(module=model), tokenizer.pad_token_id, eos, False)
+    hf = HFBackend(SimpleNamespace(module=model), tokenizer.pad_token_id, eos, False)
     assert hf.generate([prompt], 1, 1.0, 1.0, 12, seed=0, greedy=True)[0][0] == expected
     if HAS_VLLM:
         result = subprocess.run([sys.executable, "-c", VLLM_SCRIPT, str(folder), json.dumps(prompt),
@@ -137,8 +139,8 @@ def test_special_token_strings_inside_a_teacher_answer_stay_text(tokenizer):
 
 
 def test_stages_do_not_replay_each_others_prompt_order_or_rollout_seeds():
-    seeds = {stage: stage_seed(42, stage) for stage in ("seqkd", "warmup", "gad")}
-    assert len(set(seeds.values())) == 3
+    seeds = {stage: stage_seed(42, stage) for stage in STAGES}
+    assert len(set(seeds.values())) == len(STAGES) >= 4
     assert stage_seed(42, "gad") == stage_seed(42, "gad") and stage_seed(43, "gad") != seeds["gad"]
     orders = {stage: [PromptSchedule(700, 8, 1, 0, seed).global_indices(step) for step in range(5)]
               for stage, seed in seeds.items()}
@@ -201,3 +203,20 @@ def test_gad_stage_honours_discriminator_warmup(tiny_model, tmp_path):
     assert first["digest/discriminator"] != initial["digest/discriminator"]  # the discriminator trains meanwhile
     assert second["actor/updated"] == 1.0 and "actor/pg_loss" in second
     assert second["digest/actor"] != first["digest/actor"]
+
+
+# ----------------------------------------------------------------------------------------------
+# (f) the registry declares the hand-offs
+
+
+def test_each_stage_starts_from_an_earlier_registered_stage_or_the_model():
+    from gadchat.stages import RECIPES, handoff_chain
+
+    order = list(RECIPES)
+    for name, stage in RECIPES.items():
+        if stage.init_from_stage is not None:
+            assert order.index(stage.init_from_stage) < order.index(name), name
+        assert stage.teacher_model in ("", "optional", "required"), name
+        chain = handoff_chain(name)
+        assert chain[-1] == name and len(set(chain)) == len(chain)
+    assert handoff_chain("gad") == ["warmup", "gad"] and handoff_chain("seqkd") == ["seqkd"]

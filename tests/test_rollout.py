@@ -5,21 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gadchat.rollout import HFRollout, VLLMRollout, choose_backend, trim_at_eos, vllm_available
+from gadchat.generation import VLLMBackend, choose_backend, trim_at_eos, vllm_available
 
 
 def test_trim_at_eos_keeps_the_first_eos_and_drops_what_follows():
     assert trim_at_eos([5, 6, 2, 7, 2], {2}) == [5, 6, 2]
     assert trim_at_eos([5, 6, 7], {2}) == [5, 6, 7]  # cut at max_new_tokens: no EOS
     assert trim_at_eos([9, 3, 4], {3, 4}) == [9, 3]
-
-
-def test_training_names_are_the_generation_backends():
-    """The engine's ``gadchat.rollout`` names are the shared generation layer's classes."""
-    from gadchat.generation import HFBackend, VLLMBackend
-
-    assert VLLMRollout is VLLMBackend and HFRollout is HFBackend
-    assert VLLMRollout.follows_actor and not HFRollout.follows_actor
 
 
 def test_backend_choice():
@@ -32,5 +24,5 @@ def test_backend_choice():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
 def test_vllm_sleep_mode_is_refused_clearly_on_cpu():
     with pytest.raises(ValueError, match="rollout.vllm_sleep needs a GPU"):
-        VLLMRollout("unused", "unused", torch.float32, max_model_len=64, eos_ids={0}, seed=0,
+        VLLMBackend("unused", "unused", torch.float32, max_model_len=64, eos_ids={0}, seed=0,
                     sleep_between_rollouts=True)

@@ -159,7 +159,7 @@ def test_a_torn_export_is_never_taken_for_a_finished_one(tiny_model, tmp_path):
     assert not (out / "final").exists() and (out / "final.partial" / "actor" / "config.json").exists()
 
     from gadchat.checkpoint import CheckpointError, handoff_paths
-    from gadchat.config import load_config
+    from gadchat.stages.configure import load_config
     from gadchat.stages import RECIPES
 
     with pytest.raises(CheckpointError, match="no complete export"):

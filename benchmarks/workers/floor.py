@@ -4,7 +4,7 @@ GAD step does it (teacher response preferred over each of its prompt's samples; 
 over the teacher and the student sequences, micro-batched by prompt, backward, grad clip, one
 AdamW step), the rewards being the student scores of that forward, before the update; GRPO
 advantages; policy-gradient + k3 KL loss in one forward/backward, one AdamW step; in-place weight
-reload into vLLM (re-tying the LM head as gadchat.rollout does). No DeepSpeed, none of our engine
+reload into vLLM (re-tying the LM head as gadchat.generation.vllm_backend does). No DeepSpeed, none of our engine
 (only the pure Bradley-Terry loss and the sample-row indexing, sample_rows), no metrics. Same
 protocol and same rows as ours.py.
 
@@ -40,7 +40,7 @@ def build():
 
     from gadchat.losses import bradley_terry_loss
     from gadchat.stages.common import sample_rows
-    from gadchat.rollout import _refresh_tied_lm_head
+    from gadchat.generation.vllm_backend import _refresh_tied_lm_head
 
     tok = AutoTokenizer.from_pretrained(args.model)
     eos, pad = tok.eos_token_id, tok.pad_token_id

@@ -17,7 +17,7 @@ def build():
     from gadchat import runtime
 
     runtime.set_process_defaults()
-    from gadchat.config import load_config
+    from gadchat.stages.configure import load_config
     from gadchat.trainer import StageTrainer
 
     cfg = load_config(sys.argv[1:], stage="gad")
@@ -29,7 +29,7 @@ def build():
         nonlocal step
         batch = [trainer.examples[i] for i in trainer.schedule.rank_indices(step)]
         started = time.perf_counter()
-        metrics = trainer.step_fn(step, batch)
+        metrics = trainer.step_fn(step, batch).metrics
         elapsed = time.perf_counter() - started
         phases = {k[len("time/"):]: v for k, v in engine.timer.timings().items()}
         step += 1

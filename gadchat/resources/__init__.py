@@ -8,6 +8,9 @@ works from an installed copy as well as from the repository.
   ``data/alpaca_eval_gpt4o/train.jsonl``, its prompt messages' contents and then its teacher
   response. Order and content fix the learned merges, so cached tiny models depend on this file
   byte for byte (``tests/test_packaging.py`` checks it still matches the shipped data).
+- ``alpaca_eval_gpt4o/``: the shipped teacher data (``train.jsonl``, ``test.jsonl``; provenance in
+  ``data/alpaca_eval_gpt4o/README.md``, whose JSON-lines files link here), read by the
+  known-teacher model builds (:mod:`gadchat.known_teacher_models`).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from importlib import resources
 
 JUDGE_PROMPT = "judge_prompt.txt"
 TOKENIZER_CORPUS = "tokenizer_corpus.jsonl"
+SHIPPED_TEACHER_DATA = "alpaca_eval_gpt4o"
 
 
 def resource(name: str):

@@ -2,8 +2,10 @@
 
 Adding a stage: write its recipe (a :class:`gadchat.stages.base.Recipe`), give it a step folder
 ``training/<step_folder>/`` (``main.py`` calling ``gadchat.cli.main_for(NAME)`` and the
-deployment scripts), and list it here. The configuration, ``training/launch.sh``, the pipeline
-and the tests read the stages from this registry.
+deployment scripts), and list it here (docs/adding_a_stage.md). The configuration,
+``training/launch.sh``, the pipeline, the known-teacher benchmark, the bad-input table, the stage
+parity and phase benchmarks and the tests read the stages from this registry; a stage that starts
+from another's export declares it (``init_from_stage``).
 """
 
 from __future__ import annotations
@@ -27,6 +29,15 @@ def recipe(name: str) -> Recipe:
     if name not in RECIPES:
         raise ValueError(f"unknown stage {name!r} (stages: {', '.join(RECIPES)})")
     return RECIPES[name]
+
+
+def handoff_chain(name: str) -> list:
+    """``name`` after the stages it starts from, in the order they run: each stage's
+    ``init_from_stage`` first (``gad`` -> ``["warmup", "gad"]``)."""
+    chain = [recipe(name).name]
+    while recipe(chain[0]).init_from_stage:
+        chain.insert(0, recipe(chain[0]).init_from_stage)
+    return chain
 
 
 def step_main(name: str) -> Path:

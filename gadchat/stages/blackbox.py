@@ -2,7 +2,7 @@
 log-ratio to a baseline is the reward; ``spin``: the actor is its own discriminator): a pairwise
 update over sequence log-ratios, micro-batched by rows with the exact Bradley-Terry gradient, the
 cross-entropy term on the teacher answers, and the per-token reward diagnostic. Plain functions of
-the running stage ``run``, as in :mod:`gadchat.stages.common`."""
+the running stage's context ``ctx``, as in :mod:`gadchat.stages.common`."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def pair_backward_passes(parts) -> int:
     return len(parts[0]) + len(parts[1])
 
 
-def log_ratio_pair_update(run, update, model, parts, answer_baseline: torch.Tensor, sample_baseline: torch.Tensor,
+def log_ratio_pair_update(ctx, update, model, parts, answer_baseline: torch.Tensor, sample_baseline: torch.Tensor,
                           scale: float, temperature: float, coefficient: float = 1.0):
     """Back-propagate ``coefficient x`` the Bradley-Terry loss of the scores
     ``s(y) = scale * sum_t (log model(y_t) - log b(y_t))`` (:func:`~gadchat.losses.sequence_log_ratio`),
@@ -39,7 +39,7 @@ def log_ratio_pair_update(run, update, model, parts, answer_baseline: torch.Tens
     grouping (:func:`~gadchat.stages.common.bradley_terry_by_rows`). Baselines are ``[rows, T-1]``
     no-grad log-probs aligned with the answers and the samples. Returns the answers' and the
     samples' scores ``[P]``, ``[P, n]`` (before this update)."""
-    engine = run.engine
+    engine = ctx.engine
     answer_parts, sample_parts = parts
 
     def score(baseline):
@@ -52,7 +52,7 @@ def log_ratio_pair_update(run, update, model, parts, answer_baseline: torch.Tens
 
     return bradley_terry_by_rows(score(answer_baseline), score(sample_baseline),
                                  lambda loss: update.backward(coefficient * loss), answer_parts, sample_parts,
-                                 run.cfg.rollout.n)
+                                 ctx.cfg.rollout.n)
 
 
 def pair_metrics(prefix: str, answer_scores: torch.Tensor, sample_scores: torch.Tensor, loss_name: str = "loss") -> dict:

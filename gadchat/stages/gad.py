@@ -18,7 +18,7 @@ from __future__ import annotations
 from gadchat import roles, runtime
 from gadchat.losses import grpo_advantages
 from gadchat.stages import common
-from gadchat.stages.base import Recipe
+from gadchat.stages.base import Recipe, StageContext, StepResult
 from gadchat.teacher_metrics import sequence_sums
 
 
@@ -27,14 +27,12 @@ class GAD(Recipe):
     step_folder = "step3_gad"
     summary = "GAD: GRPO policy gradient on the discriminator's scores, discriminator keeps training"
     defaults = {"trainer": {"discriminator_warmup": 0, "epochs": 2.0}}
+    init_from_stage = "warmup"
+    teacher_model = "optional"  # read only: the diag/ metrics and --trainer.oracle_reward
 
     def roles(self, cfg) -> dict:
-        out = {"actor": roles.actor(), "discriminator": roles.discriminator(trains=not cfg.discriminator.freeze)}
-        if cfg.actor.kl_coef > 0:
-            out["reference"] = roles.reference()
-        if cfg.model.teacher_path:  # read only: the diag/ metrics and --trainer.oracle_reward
-            out["teacher"] = roles.teacher()
-        return out
+        return {"actor": roles.actor(), "discriminator": roles.discriminator(trains=not cfg.discriminator.freeze),
+                **self.frozen_roles(cfg)}
 
     def config_problems(self, cfg) -> list:
         n = cfg.rollout.n
@@ -42,19 +40,19 @@ class GAD(Recipe):
             return [f"--rollout.n must be >= 2 in the GAD stage (GRPO advantages of a single sample are 0), got {n!r}"]
         return []
 
-    def step(self, run, step: int, batch: list) -> dict:
-        cfg, engine = run.cfg, run.engine
-        teacher = common.teacher_batch(run, batch)
-        samples, student = common.rollout(run, step, batch)
+    def step(self, ctx: StageContext, step: int, batch: list) -> StepResult:
+        cfg, engine = ctx.cfg, ctx.engine
+        teacher_seqs = common.teacher_batch(ctx, batch)
+        samples, student = common.rollout(ctx, step, batch)
 
         # rewards: the discriminator's scores of the samples, before its own update
         if engine.trains("discriminator"):
-            metrics, rewards = common.discriminator_update(run, teacher, student)
+            metrics, rewards = common.discriminator_update(ctx, teacher_seqs, student)
         else:
-            metrics, rewards = common.discriminator_scores(run, teacher, student)
+            metrics, rewards = common.discriminator_scores(ctx, teacher_seqs, student)
         metrics.update(common.response_length_stats(samples))
-        view = common.teacher_view(run, student)
-        metrics.update(common.reward_diagnostics(run, rewards, student, samples, view))
+        view = common.teacher_view(ctx, student)
+        metrics.update(common.reward_diagnostics(ctx, rewards, student, samples, view))
         if cfg.trainer.oracle_reward:  # white-box upper bound (not GAD): the Bayes-optimal reward
             teacher_lp, actor_lp = view  # log p_T(y|x) - log p_S(y|x) per sample
             rewards = sequence_sums(teacher_lp - actor_lp, student.target_mask).view(rewards.shape)
@@ -66,9 +64,7 @@ class GAD(Recipe):
                         "advantage/max": advantage["max"], "advantage/min": advantage["min"]})
 
         # actor: policy gradient, once past the gate (verl applies it here too)
-        metrics["actor/updated"] = float(step >= cfg.trainer.discriminator_warmup)
-        if step >= cfg.trainer.discriminator_warmup:
-            ref = common.reference_log_probs(run, student)
-            metrics.update(common.policy_update(run, student, advantages, ref))
-        metrics["tokens"] = float(student.attention_mask.sum() + teacher.attention_mask.sum())
-        return metrics
+        if common.actor_gate_open(step, cfg, metrics):
+            ref = common.reference_log_probs(ctx, student)
+            metrics.update(common.policy_update(ctx, student, advantages, ref))
+        return StepResult(metrics, tokens=float(student.attention_mask.sum() + teacher_seqs.attention_mask.sum()))

@@ -32,7 +32,7 @@ from __future__ import annotations
 from gadchat import roles, runtime
 from gadchat.losses import grpo_advantages, token_log_ratio_rewards
 from gadchat.stages import blackbox, common
-from gadchat.stages.base import Recipe
+from gadchat.stages.base import Recipe, StageContext, StepResult
 from gadchat.teacher_metrics import sequence_sums
 
 
@@ -42,13 +42,14 @@ class GADLikelihoodRatio(Recipe):
     summary = ("GAD with a likelihood-ratio discriminator: q (a causal LM) vs a baseline, per-token "
                "rewards log q - log pi_old (black-box)")
     defaults = {"actor": {"kl_coef": 0.0}, "trainer": {"discriminator_warmup": 0, "epochs": 2.0}}
+    init_from_stage = "seqkd"
+    teacher_model = "optional"  # read only: the diag/ metrics
 
     def roles(self, cfg) -> dict:
-        out = {"actor": roles.actor(), "discriminator": roles.discriminator(kind=roles.CAUSAL_LM)}
-        if cfg.actor.kl_coef > 0 or cfg.discriminator.baseline == "reference":
+        out = {"actor": roles.actor(), "discriminator": roles.discriminator(kind=roles.CAUSAL_LM),
+               **self.frozen_roles(cfg)}
+        if cfg.discriminator.baseline == "reference":
             out["reference"] = roles.reference()
-        if cfg.model.teacher_path:  # read only: the diag/ metrics
-            out["teacher"] = roles.teacher()
         return out
 
     def config_problems(self, cfg) -> list:
@@ -58,11 +59,11 @@ class GADLikelihoodRatio(Recipe):
                     f"sample are 0), got {n!r}"]
         return []
 
-    def step(self, run, step: int, batch: list) -> dict:
-        cfg, engine = run.cfg, run.engine
+    def step(self, ctx: StageContext, step: int, batch: list) -> StepResult:
+        cfg, engine = ctx.cfg, ctx.engine
         a, d = cfg.actor, cfg.discriminator
-        answers = common.teacher_batch(run, batch)
-        samples, student = common.rollout(run, step, batch)
+        answers = common.teacher_batch(ctx, batch)
+        samples, student = common.rollout(ctx, step, batch)
         mask = student.target_mask
         temperature = common.sample_temperature(cfg)
 
@@ -72,7 +73,7 @@ class GADLikelihoodRatio(Recipe):
         baseline_model = engine.actor if d.baseline == "pi_old" else engine.reference
         with engine.timer("baseline_log_probs"):
             answer_baseline = engine.log_probs_no_grad(baseline_model, answers, a.micro_batch_size, temperature)
-            sample_baseline = old if d.baseline == "pi_old" else common.reference_log_probs(run, student)
+            sample_baseline = old if d.baseline == "pi_old" else common.reference_log_probs(ctx, student)
 
         # the discriminator q: Bradley-Terry on D (+ cross-entropy on the teacher answers)
         parts = blackbox.pair_parts(answers, student, cfg.rollout.n, d.micro_batch_prompts, d.micro_batch_tokens)
@@ -84,12 +85,13 @@ class GADLikelihoodRatio(Recipe):
                 with engine.update("discriminator", count) as update:
                     if d.bradley_terry_coef > 0:
                         t_all, s_all = blackbox.log_ratio_pair_update(
-                            run, update, engine.discriminator, parts, answer_baseline, sample_baseline, 1.0,
+                            ctx, update, engine.discriminator, parts, answer_baseline, sample_baseline, 1.0,
                             temperature, d.bradley_terry_coef)
                         if repeat == 0:
                             metrics.update(blackbox.pair_metrics("discriminator", t_all, s_all, "d_loss"))
                     if d.sft_coef > 0:
-                        ce = common.sft_backward(run, update, engine.discriminator, answers, ce_parts, d.sft_coef)
+                        ce = common.sft_backward(ctx, update, ce_parts, float(answers.target_mask.sum()),
+                                                 model=engine.discriminator, coefficient=d.sft_coef)
                         if repeat == 0:
                             metrics["discriminator/sft_loss"] = ce
 
@@ -107,14 +109,12 @@ class GADLikelihoodRatio(Recipe):
         metrics.update({"reward/mean": reward["mean"], "reward/std": reward["std"],
                         "reward/per_token_mean": per_token["mean"]})
         metrics.update(common.response_length_stats(samples))
-        view = common.teacher_view(run, student)
-        metrics.update(common.reward_diagnostics(run, sequence_rewards, student, samples, view))
+        view = common.teacher_view(ctx, student)
+        metrics.update(common.reward_diagnostics(ctx, sequence_rewards, student, samples, view))
         metrics.update(blackbox.token_reward_diagnostics(token_rewards, view, mask))
 
-        metrics["actor/updated"] = float(step >= cfg.trainer.discriminator_warmup)
-        if step >= cfg.trainer.discriminator_warmup:
+        if common.actor_gate_open(step, cfg, metrics):
             ref = None if a.kl_coef == 0 else sample_baseline if d.baseline == "reference" else \
-                common.reference_log_probs(run, student)
-            metrics.update(common.policy_update(run, student, advantages, ref, old=old, answers=answers))
-        metrics["tokens"] = float(student.attention_mask.sum() + answers.attention_mask.sum())
-        return metrics
+                common.reference_log_probs(ctx, student)
+            metrics.update(common.policy_update(ctx, student, advantages, ref, old=old, answers=answers))
+        return StepResult(metrics, tokens=float(student.attention_mask.sum() + answers.attention_mask.sum()))

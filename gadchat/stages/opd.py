@@ -1,4 +1,4 @@
-"""White-box on-policy distillation (OPD), for users whose teacher is an open model they can run.
+"""White-box on-policy distillation (OPD), for users whose teacher is an open model they can ctx.
 
 The student samples; the teacher model (a frozen ``teacher`` role, ZeRO-3 like the reference)
 scores every sampled token; the actor minimises the per-token reverse KL to the teacher on its own
@@ -26,7 +26,7 @@ import torch
 
 from gadchat import roles
 from gadchat.stages import common
-from gadchat.stages.base import Recipe
+from gadchat.stages.base import Recipe, StageContext, StepResult
 from gadchat.teacher_metrics import reverse_kl_per_token, teacher_nll_per_token
 
 
@@ -51,11 +51,10 @@ class OPD(Recipe):
     summary = "white-box on-policy distillation: per-token reverse KL to a teacher model we run"
     defaults = {"rollout": {"temperature": 1.0}, "actor": {"kl_coef": 0.0}, "trainer": {"epochs": 2.0}}
 
+    teacher_model = "required"
+
     def roles(self, cfg) -> dict:
-        out = {"actor": roles.actor(), "teacher": roles.teacher()}
-        if cfg.actor.kl_coef > 0:
-            out["reference"] = roles.reference()
-        return out
+        return {"actor": roles.actor(), **self.frozen_roles(cfg)}
 
     def config_problems(self, cfg) -> list:
         if not str(cfg.model.teacher_path).strip():
@@ -63,21 +62,20 @@ class OPD(Recipe):
                     "the student's tokenizer) in the opd stage, got ''"]
         return []
 
-    def step(self, run, step: int, batch: list) -> dict:
-        cfg, engine = run.cfg, run.engine
-        samples, student = common.rollout(run, step, batch)
+    def step(self, ctx: StageContext, step: int, batch: list) -> StepResult:
+        cfg, engine = ctx.cfg, ctx.engine
+        samples, student = common.rollout(ctx, step, batch)
         mask = student.target_mask
 
-        teacher = common.teacher_log_probs(run, student)
+        teacher_lp = common.teacher_log_probs(ctx, student)
         with engine.timer("old_log_probs"):
             old = engine.log_probs_no_grad(engine.actor, student, cfg.actor.micro_batch_size,
                                            common.sample_temperature(cfg))
-        advantages = reverse_kl_advantages(teacher, old, mask)
+        advantages = reverse_kl_advantages(teacher_lp, old, mask)
 
         metrics = common.response_length_stats(samples)
-        metrics["opd/reverse_kl"] = reverse_kl_per_token(old, teacher, mask)  # sampled, per token
-        metrics["opd/teacher_nll"] = teacher_nll_per_token(teacher, mask)
-        ref = common.reference_log_probs(run, student)
-        metrics.update(common.policy_update(run, student, advantages, ref, old=old))
-        metrics["tokens"] = float(student.attention_mask.sum())
-        return metrics
+        metrics["opd/reverse_kl"] = reverse_kl_per_token(old, teacher_lp, mask)  # sampled, per token
+        metrics["opd/teacher_nll"] = teacher_nll_per_token(teacher_lp, mask)
+        ref = common.reference_log_probs(ctx, student)
+        metrics.update(common.policy_update(ctx, student, advantages, ref, old=old))
+        return StepResult(metrics, tokens=float(student.attention_mask.sum()))

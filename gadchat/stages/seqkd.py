@@ -10,9 +10,8 @@ rollouts against them.
 from __future__ import annotations
 
 from gadchat import roles
-from gadchat.losses import sft_loss
 from gadchat.stages import common
-from gadchat.stages.base import Recipe
+from gadchat.stages.base import Recipe, StageContext, StepResult
 
 
 class SeqKD(Recipe):
@@ -27,20 +26,15 @@ class SeqKD(Recipe):
     def uses_rollout(self, cfg) -> bool:
         return cfg.trainer.eval_every > 0  # only the ROUGE-L evaluation samples
 
-    def step(self, run, step: int, batch: list) -> dict:
-        cfg, engine = run.cfg, run.engine
-        teacher = common.teacher_batch(run, batch)
-        tokens = float(teacher.target_mask.sum())
-        temperature = common.sft_temperature(cfg)
+    def step(self, ctx: StageContext, step: int, batch: list) -> StepResult:
+        cfg, engine = ctx.cfg, ctx.engine
+        teacher_seqs = common.teacher_batch(ctx, batch)
 
-        parts = teacher.micro_batches(cfg.actor.micro_batch_size, tokens=cfg.actor.micro_batch_tokens)
+        parts = common.actor_micro_batches(ctx, teacher_seqs)
         with engine.timer("actor_update"), engine.update("actor", len(parts)) as update:
-            for _, part in parts:
-                log_probs, _ = engine.log_probs(engine.actor, part, temperature=temperature)
-                update.backward(sft_loss(log_probs, part.target_mask.to(log_probs.device), denominator=tokens))
-        engine.mark_actor_updated()
+            common.sft_backward(ctx, update, parts, tokens=float(teacher_seqs.target_mask.sum()))
 
-        metrics = {"actor/sft_loss": update.loss, "tokens": float(teacher.attention_mask.sum())}
+        metrics = {"actor/sft_loss": update.loss}
         if cfg.trainer.eval_every and (step + 1) % cfg.trainer.eval_every == 0:
-            metrics.update(common.held_out_eval(run))
-        return metrics
+            metrics.update(common.held_out_eval(ctx))
+        return StepResult(metrics, tokens=float(teacher_seqs.attention_mask.sum()))

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from gadchat import roles
 from gadchat.stages import blackbox, common
-from gadchat.stages.base import Recipe
+from gadchat.stages.base import Recipe, StageContext, StepResult
 
 
 class SPIN(Recipe):
@@ -34,12 +34,11 @@ class SPIN(Recipe):
     step_folder = "step6_spin"
     summary = "SPIN: DPO with the teacher's answer chosen and the student's own samples rejected (black-box)"
     defaults = {"actor": {"kl_coef": 0.0}, "trainer": {"discriminator_warmup": 0, "epochs": 2.0}}
+    init_from_stage = "seqkd"
+    teacher_model = "optional"  # read only: the diag/ metrics
 
     def roles(self, cfg) -> dict:
-        out = {"actor": roles.actor(), "reference": roles.reference()}
-        if cfg.model.teacher_path:  # read only: the diag/ metrics
-            out["teacher"] = roles.teacher()
-        return out
+        return {"actor": roles.actor(), **self.frozen_roles(cfg), "reference": roles.reference()}
 
     def config_problems(self, cfg) -> list:
         every, save = cfg.actor.reference_refresh_every, cfg.trainer.save_every
@@ -48,37 +47,36 @@ class SPIN(Recipe):
                     f"stage, so that a resumed run restores the same reference, got {save!r}"]
         return []
 
-    def step(self, run, step: int, batch: list) -> dict:
-        cfg, engine, a = run.cfg, run.engine, run.cfg.actor
+    def step(self, ctx: StageContext, step: int, batch: list) -> StepResult:
+        cfg, engine, a = ctx.cfg, ctx.engine, ctx.cfg.actor
         every = a.reference_refresh_every
         if every and step % every == 0 and step > 0:  # SPIN's next iteration: the opponent is the current model
             engine.refresh_reference_from_actor()
-        answers = common.teacher_batch(run, batch)
-        samples, student = common.rollout(run, step, batch)
+        answers = common.teacher_batch(ctx, batch)
+        samples, student = common.rollout(ctx, step, batch)
         mask = student.target_mask
         temperature = common.sample_temperature(cfg)
 
         with engine.timer("reference_log_probs"):
             answer_ref = engine.log_probs_no_grad(engine.reference, answers, a.micro_batch_size, temperature)
             sample_ref = engine.log_probs_no_grad(engine.reference, student, a.micro_batch_size, temperature)
-        view = common.teacher_view(run, student)  # before the update: the actor that drew the samples
+        view = common.teacher_view(ctx, student)  # before the update: the actor that drew the samples
         parts = blackbox.pair_parts(answers, student, cfg.rollout.n, max(1, a.micro_batch_size // cfg.rollout.n),
                                     a.micro_batch_tokens)
-        ptx = common.sft_parts(run, answers) if a.sft_coef > 0 else []
+        ptx = common.actor_micro_batches(ctx, answers) if a.sft_coef > 0 else []
         with engine.timer("actor_update"), \
                 engine.update("actor", blackbox.pair_backward_passes(parts) + len(ptx)) as update:
-            chosen, rejected = blackbox.log_ratio_pair_update(run, update, engine.actor, parts, answer_ref, sample_ref,
+            chosen, rejected = blackbox.log_ratio_pair_update(ctx, update, engine.actor, parts, answer_ref, sample_ref,
                                                               a.dpo_beta, temperature)
-            sft = common.sft_backward(run, update, engine.actor, answers, ptx, a.sft_coef) if ptx else None
-        engine.mark_actor_updated()
+            sft = common.sft_backward(ctx, update, ptx, float(answers.target_mask.sum()),
+                                      coefficient=a.sft_coef) if ptx else None
 
         metrics = blackbox.pair_metrics("spin", chosen, rejected)  # implicit rewards beta * h, before the update
         if sft is not None:
             metrics["actor/sft_loss"] = sft
         metrics.update(common.response_length_stats(samples))
-        metrics.update(common.reward_diagnostics(run, rejected, student, samples, view))
+        metrics.update(common.reward_diagnostics(ctx, rejected, student, samples, view))
         if view is not None:
             _, actor_lp = view  # the implicit per-token reward of the samples, beta (log pi - log ref)
             metrics.update(blackbox.token_reward_diagnostics(a.dpo_beta * (actor_lp - sample_ref) * mask, view, mask))
-        metrics["tokens"] = float(student.attention_mask.sum() + answers.attention_mask.sum())
-        return metrics
+        return StepResult(metrics, tokens=float(student.attention_mask.sum() + answers.attention_mask.sum()))

@@ -14,9 +14,9 @@ Per step:
 from __future__ import annotations
 
 from gadchat import roles
-from gadchat.losses import kl_loss, sft_loss
+from gadchat.losses import kl_loss
 from gadchat.stages import common
-from gadchat.stages.base import Recipe
+from gadchat.stages.base import Recipe, StageContext, StepResult
 
 
 class Warmup(Recipe):
@@ -25,47 +25,39 @@ class Warmup(Recipe):
     summary = "GAD warm-up: discriminator Bradley-Terry updates, gated actor SFT on the teacher"
     defaults = {"trainer": {"discriminator_warmup": 10}}
 
-    def roles(self, cfg) -> dict:
-        out = {"actor": roles.actor(), "discriminator": roles.discriminator()}
-        if cfg.actor.kl_coef > 0:
-            out["reference"] = roles.reference()
-        if cfg.model.teacher_path:  # read only, for the diag/ metrics
-            out["teacher"] = roles.teacher()
-        return out
+    teacher_model = "optional"  # read only, for the diag/ metrics
 
-    def step(self, run, step: int, batch: list) -> dict:
-        cfg, engine, a = run.cfg, run.engine, run.cfg.actor
-        teacher = common.teacher_batch(run, batch)
-        samples, student = common.rollout(run, step, batch)
+    def roles(self, cfg) -> dict:
+        return {"actor": roles.actor(), "discriminator": roles.discriminator(), **self.frozen_roles(cfg)}
+
+    def step(self, ctx: StageContext, step: int, batch: list) -> StepResult:
+        cfg, engine = ctx.cfg, ctx.engine
+        teacher_seqs = common.teacher_batch(ctx, batch)
+        samples, student = common.rollout(ctx, step, batch)
 
         # discriminator: every step
-        metrics, scores = common.discriminator_update(run, teacher, student)
+        metrics, scores = common.discriminator_update(ctx, teacher_seqs, student)
         metrics.update(common.response_length_stats(samples))
-        metrics.update(common.reward_diagnostics(run, scores, student, samples, common.teacher_view(run, student)))
+        metrics.update(common.reward_diagnostics(ctx, scores, student, samples, common.teacher_view(ctx, student)))
 
         # actor: SFT on the teacher (+ KL to the reference on the samples), once past the gate
-        metrics["actor/updated"] = float(step >= cfg.trainer.discriminator_warmup)
-        if step >= cfg.trainer.discriminator_warmup:
-            ref = common.reference_log_probs(run, student)  # None without a reference (kl_coef 0)
-            sft_parts = teacher.micro_batches(a.micro_batch_size, tokens=a.micro_batch_tokens)
-            kl_parts = student.micro_batches(a.micro_batch_size, tokens=a.micro_batch_tokens) if ref is not None else []
-            sft_tokens = float(teacher.target_mask.sum())
+        if common.actor_gate_open(step, cfg, metrics):
+            ref = common.reference_log_probs(ctx, student)  # None without a reference (kl_coef 0)
+            sft_parts = common.actor_micro_batches(ctx, teacher_seqs)
+            kl_parts = common.actor_micro_batches(ctx, student) if ref is not None else []
             kl_tokens = student.target_mask.sum().clamp(min=1)
             kl_values = []
             with engine.timer("actor_update"), engine.update("actor", len(sft_parts) + len(kl_parts)) as update:
-                for _, part in sft_parts:
-                    log_probs, _ = engine.log_probs(engine.actor, part, temperature=common.sft_temperature(cfg))
-                    update.backward(sft_loss(log_probs, part.target_mask.to(log_probs.device), denominator=sft_tokens))
+                common.sft_backward(ctx, update, sft_parts, tokens=float(teacher_seqs.target_mask.sum()))
                 for rows, part in kl_parts:
                     log_probs, _ = engine.log_probs(engine.actor, part, temperature=common.sample_temperature(cfg))
                     ref_part = ref[rows, : log_probs.shape[1]].to(log_probs.device)
                     kl = kl_loss(log_probs, ref_part, part.target_mask.to(log_probs.device), denominator=kl_tokens)
                     kl_values.append(float(kl.detach()))
-                    update.backward(a.kl_coef * kl)
-            engine.mark_actor_updated()
+                    update.backward(cfg.actor.kl_coef * kl)
             kl = sum(kl_values)
-            metrics["actor/sft_loss"] = update.loss - a.kl_coef * kl
+            # the SFT share of the update's loss (kept as a difference: stage parity is bit-exact)
+            metrics["actor/sft_loss"] = update.loss - cfg.actor.kl_coef * kl
             if kl_parts:
                 metrics["actor/kl"] = kl
-        metrics["tokens"] = float(student.attention_mask.sum() + teacher.attention_mask.sum())
-        return metrics
+        return StepResult(metrics, tokens=float(student.attention_mask.sum() + teacher_seqs.attention_mask.sum()))

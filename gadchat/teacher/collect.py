@@ -37,6 +37,16 @@ class CollectionReport:
     completion_tokens: int = 0
     retries: int = 0
 
+    def count_answer(self, completion, drop: bool) -> bool:
+        """Count one answer (its tokens, collected or dropped as truncated); returns ``drop``."""
+        self.prompt_tokens += completion.prompt_tokens
+        self.completion_tokens += completion.completion_tokens
+        if drop:
+            self.dropped_truncated += 1
+        else:
+            self.collected += 1
+        return drop
+
     def summary(self) -> str:
         return (
             f"{self.total_rows} prompt rows: {self.already_done} already answered, {self.collected} collected now, "
@@ -93,24 +103,7 @@ def collect_teacher_data(
 
     report = CollectionReport(total_rows=len(rows))
     failures_path, dropped_path = sidecar_paths(output_path)
-    existing = recover_jsonl(output_path) + recover_jsonl(dropped_path)
-    others = sorted({str(r.get("teacher")) for r in existing if r.get("teacher") != endpoint.model})
-    if others:
-        raise ValueError(f"{output_path} already holds answers of teacher {', '.join(others)}, not {endpoint.model}; "
-                         "use another --output (one file per teacher) or the same --model to resume")
-    done = {r.get("collection_key") for r in existing}
-
-    pending = []
-    for row in rows:
-        key = collection_key(row.messages, row.index)
-        if key in done:
-            report.already_done += 1
-            continue
-        if max_prompt_tokens and count_prompt_tokens is not None:
-            if count_prompt_tokens(row.messages) > max_prompt_tokens:
-                report.skipped_over_budget += 1
-                continue
-        pending.append((row, key))
+    pending = pending_rows(rows, endpoint.model, output_path, report, count_prompt_tokens, max_prompt_tokens)
 
     bar = tqdm(total=len(pending), unit="prompt", desc="teacher", disable=not progress, dynamic_ncols=True)
 
@@ -147,16 +140,12 @@ def collect_teacher_data(
                         report.failed.append({"row": row.index, "source": row.source, "line": row.line,
                                               "collection_key": key, "error": str(err)})
                     else:
-                        report.prompt_tokens += completion.prompt_tokens
-                        report.completion_tokens += completion.completion_tokens
                         record = teacher_row(row, completion, endpoint.model, key)
-                        if drop_truncated and completion.finish_reason == "length":
+                        if report.count_answer(completion, drop=drop_truncated and completion.finish_reason == "length"):
                             dropped = dropped or JsonlAppender(dropped_path)
                             dropped.append(record)
-                            report.dropped_truncated += 1
                         else:
                             output.append(record)
-                            report.collected += 1
                     bar.update(1)
                     update_bar()
                     submit_next()
@@ -168,10 +157,39 @@ def collect_teacher_data(
             bar.close()
 
     report.retries = endpoint.retries
-    if report.failed:
+    write_failures(report.failed, failures_path)
+    return report
+
+
+def pending_rows(rows: list, teacher: str, output_path, report: CollectionReport, count_prompt_tokens,
+                 max_prompt_tokens: int) -> list:
+    """``(row, collection key)`` of the rows still to answer: not in the output or its dropped
+    sidecar, within the prompt budget (counted in ``report``). Refuses an output that holds
+    another teacher's answers."""
+    existing = recover_jsonl(output_path) + recover_jsonl(sidecar_paths(output_path)[1])
+    others = sorted({str(r.get("teacher")) for r in existing if r.get("teacher") != teacher})
+    if others:
+        raise ValueError(f"{output_path} already holds answers of teacher {', '.join(others)}, not {teacher}; "
+                         "use another --output (one file per teacher) or the same --model to resume")
+    done = {r.get("collection_key") for r in existing}
+    pending = []
+    for row in rows:
+        key = collection_key(row.messages, row.index)
+        if key in done:
+            report.already_done += 1
+        elif max_prompt_tokens and count_prompt_tokens is not None and \
+                count_prompt_tokens(row.messages) > max_prompt_tokens:
+            report.skipped_over_budget += 1
+        else:
+            pending.append((row, key))
+    return pending
+
+
+def write_failures(failed: list, failures_path: Path) -> None:
+    """The failed rows as JSON lines (the file removed when none failed)."""
+    if failed:
         with open(failures_path, "w", encoding="utf-8") as handle:
-            for failure in report.failed:
+            for failure in failed:
                 handle.write(json.dumps(failure, ensure_ascii=False) + "\n")
     elif failures_path.exists():
         failures_path.unlink()
-    return report

@@ -14,7 +14,7 @@ runtime.set_process_defaults()
 
 import torch  # noqa: E402
 
-from gadchat.config import load_config  # noqa: E402
+from gadchat.stages.configure import load_config  # noqa: E402
 from gadchat.stages.common import teacher_batch  # noqa: E402
 from gadchat.trainer import StageTrainer  # noqa: E402
 
@@ -22,7 +22,7 @@ out_file = os.environ["PROBE_OUT"]
 cfg = load_config(sys.argv[1:], stage="warmup")
 trainer = StageTrainer(cfg)
 step = trainer.checkpoints.maybe_resume()
-batch = teacher_batch(trainer, trainer.examples[:4])
+batch = teacher_batch(trainer.context, trainer.examples[:4])
 engine = trainer.engine
 engine.eval_mode()
 with torch.no_grad():

@@ -15,7 +15,7 @@ runtime.set_process_defaults()
 
 import torch  # noqa: E402
 
-from gadchat.config import load_config  # noqa: E402
+from gadchat.stages.configure import load_config  # noqa: E402
 from gadchat.stages.common import teacher_batch  # noqa: E402
 from gadchat.trainer import StageTrainer  # noqa: E402
 
@@ -40,7 +40,7 @@ for gather in (True, False):
     out[f"tokens_{gather}"] = backend.generate(prompts, n=2, temperature=0.8, top_p=1.0, max_new_tokens=12, seed=7)
     out[f"partitioned_after_{gather}"] = partitioned(engine.actor.module)
 out["hooks_restored"] = len(engine.actor.optimizer.parameter_offload.forward_hooks) == hooks_before > 0
-batch = teacher_batch(trainer, trainer.examples[:2]).to(engine.device)
+batch = teacher_batch(trainer.context, trainer.examples[:2]).to(engine.device)
 with engine.update("actor", 1) as update:
     logits = engine.actor(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
     update.backward(logits.float().logsumexp(-1).mean())

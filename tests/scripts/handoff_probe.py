@@ -16,7 +16,7 @@ runtime.set_process_defaults()
 import torch  # noqa: E402
 from deepspeed.utils import safe_get_full_fp32_param  # noqa: E402
 
-from gadchat.config import load_config  # noqa: E402
+from gadchat.stages.configure import load_config  # noqa: E402
 from gadchat.trainer import StageTrainer  # noqa: E402
 
 cfg = load_config(sys.argv[1:], stage="gad")

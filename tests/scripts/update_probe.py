@@ -18,7 +18,7 @@ runtime.set_process_defaults()
 
 from deepspeed.utils import safe_get_full_grad  # noqa: E402
 
-from gadchat.config import load_config  # noqa: E402
+from gadchat.stages.configure import load_config  # noqa: E402
 from gadchat.stages.common import teacher_batch  # noqa: E402
 from gadchat.trainer import StageTrainer  # noqa: E402
 
@@ -28,7 +28,7 @@ engine = trainer.engine
 out = {"stage": cfg.trainer.stage, "world_size": trainer.world_size}
 
 # (1) chunked == plain under the real engine, values and gradients
-student = teacher_batch(trainer, [trainer.examples[i] for i in trainer.schedule.rank_indices(0)])
+student = teacher_batch(trainer.context, [trainer.examples[i] for i in trainer.schedule.rank_indices(0)])
 part = student.slice(0, 4)
 mask = part.target_mask
 results = {}
@@ -81,7 +81,7 @@ wrap(engine.actor.module, "actor")
 if engine.discriminator is not None:
     wrap(engine.discriminator.module, "discriminator")
 step_batch = [trainer.examples[i] for i in trainer.schedule.rank_indices(0)]
-metrics = trainer.step_fn(0, step_batch)
+metrics = trainer.step_fn(0, step_batch).metrics
 out["checkpointed_calls"] = counts
 out["actor_training_after_step"] = engine.actor.module.training
 out["discriminator_training_after_step"] = None if engine.discriminator is None else engine.discriminator.module.training
