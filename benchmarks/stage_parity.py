@@ -105,8 +105,10 @@ def normalise(rows: list) -> list:
 
 
 def compare(a: dict, b: dict) -> list:
-    problems = []
-    for stage in sorted(set(a) | set(b)):
+    """Every value that differs between the recordings ``a`` (before) and ``b`` (after), and every
+    stage of ``a`` missing from ``b``; a stage only ``b`` has (added since) is not compared."""
+    problems = [f"{stage}: recorded before, missing after" for stage in sorted(set(a) - set(b))]
+    for stage in sorted(set(a) & set(b)):
         rows_a, rows_b = normalise(a.get(stage, [])), normalise(b.get(stage, []))
         if len(rows_a) != len(rows_b):
             problems.append(f"{stage}: {len(rows_a)} rows vs {len(rows_b)}")
@@ -131,7 +133,10 @@ def main(argv=None) -> int:
         before, after = (json.loads(Path(p).read_text()) for p in args.compare)
         problems = compare(before, after)
         keys = sum(len(row) for rows in before.values() for row in rows)
-        print(f"{len(problems)} differences over {keys} values" + ("" if not problems else ":"))
+        added = sorted(set(after) - set(before))
+        print(f"{len(problems)} differences over {keys} values" + (f" (stages added since, not compared: "
+                                                                    f"{', '.join(added)})" if added else "")
+              + ("" if not problems else ":"))
         for line in problems[:50]:
             print("  " + line)
         if args.save:
