@@ -10,7 +10,7 @@ import torch
 
 from gadchat.batch import SequenceBatch
 from gadchat.losses import bradley_terry_loss, discriminator_metrics, sequence_log_ratio
-from gadchat.stages.common import bradley_terry_by_rows
+from gadchat.stages.common import bradley_terry_by_rows, sample_temperature
 from gadchat.teacher_metrics import token_pearson
 
 
@@ -19,6 +19,17 @@ def pair_parts(answers: SequenceBatch, samples: SequenceBatch, n: int, prompts_p
     teacher answers and ``prompts_per_part x n`` samples per part, or rows by a ``tokens`` budget."""
     per = max(1, prompts_per_part)
     return answers.micro_batches(per, tokens=tokens), samples.micro_batches(per * n, tokens=tokens)
+
+
+def pair_log_probs(ctx, model, answers: SequenceBatch, samples: SequenceBatch, phase: str):
+    """No-grad log-probs ``[rows, T-1]`` of ``model`` (a frozen baseline or reference, or the actor
+    before its update) on the teacher answers and on the samples, at the sampling temperature (one
+    distribution on both sides of each pair), timed as ``phase``."""
+    engine, size = ctx.engine, ctx.cfg.actor.micro_batch_size
+    temperature = sample_temperature(ctx.cfg)
+    with engine.timer(phase):
+        return (engine.log_probs_no_grad(model, answers, size, temperature),
+                engine.log_probs_no_grad(model, samples, size, temperature))
 
 
 def pair_backward_passes(parts) -> int:

@@ -68,12 +68,14 @@ class GADLikelihoodRatio(Recipe):
         temperature = common.sample_temperature(cfg)
 
         # the baseline b of D, on both sides; pi_old is also the actor's PPO anchor
-        with engine.timer("old_log_probs"):
-            old = engine.log_probs_no_grad(engine.actor, student, a.micro_batch_size, temperature)
         baseline_model = engine.actor if d.baseline == "pi_old" else engine.reference
-        with engine.timer("baseline_log_probs"):
-            answer_baseline = engine.log_probs_no_grad(baseline_model, answers, a.micro_batch_size, temperature)
-            sample_baseline = old if d.baseline == "pi_old" else common.reference_log_probs(ctx, student)
+        answer_baseline, sample_baseline = blackbox.pair_log_probs(ctx, baseline_model, answers, student,
+                                                                   "baseline_log_probs")
+        if d.baseline == "pi_old":
+            old = sample_baseline
+        else:
+            with engine.timer("old_log_probs"):
+                old = engine.log_probs_no_grad(engine.actor, student, a.micro_batch_size, temperature)
 
         # the discriminator q: Bradley-Terry on D (+ cross-entropy on the teacher answers)
         parts = blackbox.pair_parts(answers, student, cfg.rollout.n, d.micro_batch_prompts, d.micro_batch_tokens)

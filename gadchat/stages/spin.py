@@ -57,9 +57,7 @@ class SPIN(Recipe):
         mask = student.target_mask
         temperature = common.sample_temperature(cfg)
 
-        with engine.timer("reference_log_probs"):
-            answer_ref = engine.log_probs_no_grad(engine.reference, answers, a.micro_batch_size, temperature)
-            sample_ref = engine.log_probs_no_grad(engine.reference, student, a.micro_batch_size, temperature)
+        answer_ref, sample_ref = blackbox.pair_log_probs(ctx, engine.reference, answers, student, "reference_log_probs")
         view = common.teacher_view(ctx, student)  # before the update: the actor that drew the samples
         parts = blackbox.pair_parts(answers, student, cfg.rollout.n, max(1, a.micro_batch_size // cfg.rollout.n),
                                     a.micro_batch_tokens)
