@@ -65,16 +65,23 @@ def main_for(stage: str, argv=None) -> None:
         run_stage(stage, argv)
     except StopRequested as exc:
         # SIGTERM/SIGINT: every rank stopped at the same step boundary (checkpoint saved there).
-        print(f"stopped: {exc}", file=sys.stderr)
+        say(f"stopped: {exc}")
         sys.exit(exc.exit_code)
     except NonFiniteError as exc:
         # Training diverged: the step, the model and the quantity; nothing was saved over the last checkpoint.
-        print(f"error: {exc}", file=sys.stderr)
+        say(f"error: {exc}")
         sys.exit(3)
     except (ValueError, FileNotFoundError, CheckpointError, FolderBusyError) as exc:
         # Configuration, data and checkpoint problems: one clear line naming the culprit.
-        print(f"error: {exc}", file=sys.stderr)
+        say(f"error: {exc}")
         sys.exit(2)
+
+
+def say(line: str) -> None:
+    """One line to stderr in a single write: the ranks share the launcher's pipe, and a line written
+    in one call under the pipe's atomic size is never interleaved with another rank's."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 TRAIN_PROG = "gadchat-train"

@@ -43,7 +43,8 @@ def set_process_defaults() -> None:
         os.environ["TORCH_EXTENSIONS_DIR"] = os.path.join(os.path.expanduser("~"), ".cache", "gadchat", "torch_extensions")
     if "RANK" not in os.environ:  # run alone: a world of one, without mpi4py discovery
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        if "MASTER_PORT" not in os.environ:
+            os.environ.update(MASTER_PORT=str(_free_port()), GADCHAT_OWN_PORT="1")
 
 
 def _skip_cpu_shm_op() -> None:
@@ -63,8 +64,15 @@ def init_distributed() -> tuple[int, int, int]:
 
     if not has_cuda():
         _skip_cpu_shm_op()
-    if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if has_cuda() else "gloo")
+    for attempt in range(3):
+        if dist.is_initialized():
+            break
+        try:
+            deepspeed.init_distributed(dist_backend="nccl" if has_cuda() else "gloo")
+        except RuntimeError as exc:  # torch's DistNetworkError: the free port we picked was taken since
+            if "EADDRINUSE" not in str(exc) or os.environ.get("GADCHAT_OWN_PORT") != "1" or attempt == 2:
+                raise
+            os.environ["MASTER_PORT"] = str(_free_port())
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if has_cuda():
         torch.cuda.set_device(local_rank)
