@@ -196,7 +196,10 @@ def train_seed(seed: int, arms: list, paths: dict, args, extra: list) -> dict:
             if reads == "required" or (reads == "optional" and not args.no_diagnostics):
                 common += ["--model.teacher_path", paths["teacher"]]
             init = runs[init_name] if init_name else None
-            wall[name] = run_stage(stage, launcher, output, init, [str(v) for v in common + flags + extra])
+            if (output / "final" / "COMPLETE").exists():  # finished earlier (a rerun adds arms or records)
+                wall[name] = 0.0
+            else:
+                wall[name] = run_stage(stage, launcher, output, init, [str(v) for v in common + flags + extra])
             runs[name] = output
     return {"runs": runs, "wall": wall}
 
