@@ -105,8 +105,9 @@ def normalise(rows: list) -> list:
 
 
 def compare(a: dict, b: dict) -> list:
-    """Every value that differs between the recordings ``a`` (before) and ``b`` (after), and every
-    stage of ``a`` missing from ``b``; a stage only ``b`` has (added since) is not compared."""
+    """Every value of the recording ``a`` (before) that ``b`` (after) lacks or holds differently, and
+    every stage of ``a`` missing from ``b``; a stage or a metric only ``b`` has (added since) is not
+    compared (:func:`added_metrics` names them)."""
     problems = [f"{stage}: recorded before, missing after" for stage in sorted(set(a) - set(b))]
     for stage in sorted(set(a) & set(b)):
         rows_a, rows_b = normalise(a.get(stage, [])), normalise(b.get(stage, []))
@@ -114,10 +115,19 @@ def compare(a: dict, b: dict) -> list:
             problems.append(f"{stage}: {len(rows_a)} rows vs {len(rows_b)}")
             continue
         for index, (row_a, row_b) in enumerate(zip(rows_a, rows_b)):
-            for key in sorted(set(row_a) | set(row_b)):
+            for key in sorted(set(row_a)):  # a metric logged only AFTER (added since) changes no recorded value
                 if row_a.get(key, "missing") != row_b.get(key, "missing"):
                     problems.append(f"{stage} row {index} {key}: {row_a.get(key, 'missing')!r} vs {row_b.get(key, 'missing')!r}")
     return problems
+
+
+def added_metrics(a: dict, b: dict) -> list:
+    """The metric names ``b`` logs in a stage both recordings hold that ``a`` never logged there."""
+    added = set()
+    for stage in set(a) & set(b):
+        before = {key for row in normalise(a[stage]) for key in row}
+        added |= {key for row in normalise(b[stage]) for key in row} - before
+    return sorted(added)
 
 
 def main(argv=None) -> int:
@@ -137,6 +147,8 @@ def main(argv=None) -> int:
         print(f"{len(problems)} differences over {keys} values" + (f" (stages added since, not compared: "
                                                                     f"{', '.join(added)})" if added else "")
               + ("" if not problems else ":"))
+        if added_metrics(before, after):
+            print(f"metrics added since, not compared: {', '.join(added_metrics(before, after))}")
         for line in problems[:50]:
             print("  " + line)
         if args.save:

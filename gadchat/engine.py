@@ -390,7 +390,7 @@ class HybridEngine:
     def weight_sums(self, engine) -> dict:
         """``sum``, ``sum_sq`` and ``nonfinite`` (count of NaN/Inf) over every weight of ``engine`` in
         float64, summed over the ZeRO-3 shards, and ``numel``; every rank gets the same figures."""
-        totals = torch.zeros(3, dtype=torch.float64, device=self.device)
+        totals = torch.zeros(4, dtype=torch.float64, device=self.device)  # sum, sum_sq, nonfinite, digest
         numel = 0
         for param in engine.module.parameters():
             data = param.ds_tensor if hasattr(param, "ds_tensor") else param.data
@@ -403,18 +403,19 @@ class HybridEngine:
             values = values.double()
             totals[0] += values.sum()
             totals[1] += torch.dot(values, values)
+            totals[3] += values.sum() + (values * values).sum()  # param_digest's own order of sums, kept
         if self.zero3 and self.world_size > 1:
             import torch.distributed as dist
 
             dist.all_reduce(totals)
-        total, squares, nonfinite = totals.tolist()
-        return {"sum": total, "sum_sq": squares, "nonfinite": int(nonfinite), "numel": numel}
+        total, squares, nonfinite, digest = totals.tolist()
+        return {"sum": total, "sum_sq": squares, "nonfinite": int(nonfinite), "numel": numel, "digest": digest}
 
     def param_digest(self, engine) -> float:
         """``sum(w) + sum(w^2)`` over every weight in float64, summed over the ZeRO-3 shards: equal
         digests mean untouched weights (a changed float never cancels out exactly in practice)."""
         sums = self.weight_sums(engine)
-        return float("nan") if sums["nonfinite"] else sums["sum"] + sums["sum_sq"]
+        return float("nan") if sums["nonfinite"] else sums["digest"]
 
     @torch.no_grad()
     def rollout_sync_check(self, prompts: list, max_new_tokens: int) -> dict:
