@@ -47,9 +47,9 @@ def run_stage(stage: str, argv=None) -> dict:
 
     cfg = load_config(argv, stage=stage, description=stage_description(stage)).check_paths()
     result = StageTrainer(cfg).run()  # the trainer holds the output folder's lock until it returns
-    # Leave together: a rank that exits while another is still in a collective (e.g. the short
-    # "already finished" path right after a checkpoint load) can make gloo abort the process.
-    runtime.barrier()
+    # Leave together (e.g. after the short "already finished" path right after a checkpoint load)
+    # and close the process group.
+    runtime.finish()
     return result
 
 

@@ -8,6 +8,7 @@ of its shared-memory all-reduce op (~50 s, only used by inference all-reduce) is
 
 from __future__ import annotations
 
+import atexit
 import os
 import random
 import socket
@@ -73,6 +74,12 @@ def init_distributed() -> tuple[int, int, int]:
             if "EADDRINUSE" not in str(exc) or os.environ.get("GADCHAT_OWN_PORT") != "1" or attempt == 2:
                 raise
             os.environ["MASTER_PORT"] = str(_free_port())
+    if not has_cuda():
+        # gloo's worker threads still hold work when the interpreter is torn down unless the group
+        # was destroyed first, and the process then dies with SIGABRT ("terminate called without an
+        # active exception") after its work is done. Destroying a gloo group is local (no
+        # collective), so it is safe on every exit path, error exits included.
+        atexit.register(close_process_group)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if has_cuda():
         torch.cuda.set_device(local_rank)
@@ -132,6 +139,22 @@ def is_rank0() -> bool:
     import torch.distributed as dist
 
     return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def close_process_group() -> None:
+    """Destroy the default process group if there is one (local, no collective)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def finish() -> None:
+    """Leave together, then close the process group: the last call of a successful run. A rank
+    that exits while another is still in a collective can make gloo abort that one, and a group
+    left open can abort the process at interpreter exit (gloo) or warn and hang (NCCL)."""
+    barrier()
+    close_process_group()
 
 
 def barrier() -> None:

@@ -32,4 +32,4 @@ with torch.no_grad():
 if runtime.is_rank0():
     torch.save({"step": step, "input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
                 "last_index": batch.last_index, "logits": logits.float().cpu(), "scores": scores.cpu()}, out_file)
-runtime.barrier()
+runtime.finish()

@@ -48,4 +48,4 @@ out["update_loss"] = update.loss
 out["partitioned_after_update"] = partitioned(engine.actor.module)
 if runtime.is_rank0():
     torch.save(out, os.environ["PROBE_OUT"])
-runtime.barrier()
+runtime.finish()

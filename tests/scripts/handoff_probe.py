@@ -29,4 +29,4 @@ for name, engine in trainer.engine.trained_models().items():
                  "optimizer_state_entries": len(inner.state)}
 if runtime.is_rank0():
     torch.save(out, os.environ["PROBE_OUT"])
-runtime.barrier()
+runtime.finish()

@@ -89,4 +89,4 @@ out["metrics"] = {k: v for k, v in metrics.items() if isinstance(v, float)}
 if runtime.is_rank0():
     with open(os.environ["PROBE_OUT"], "w") as handle:
         json.dump(out, handle, indent=1)
-runtime.barrier()
+runtime.finish()
