@@ -43,6 +43,8 @@ from gadchat.checkpoint_files import (COMPLETE, LATEST, STATE_FILE, checkpoint_r
                                       export_complete, final_dir, last_good_checkpoint, latest_checkpoint, read_state,
                                       require_free_space, write_atomic)
 from gadchat.hf_export import export_live
+from gadchat.lora import adapter_state_dict, lora_config, lora_record, save_adapter_folder
+from gadchat.roles import SCORER
 from gadchat.safe_load import (CheckpointError, _safe_checkpoint_engine, safe_torch_load,  # noqa: F401  (re-exported)
                                verify_loadable_without_code, weight_file_problem)
 
@@ -161,10 +163,12 @@ def check_files_before_loading(cfg, sources: dict, handoff: dict) -> None:
             raise CheckpointError(f"--trainer.resume {cfg.trainer.resume}: cannot resume from {step_dir}: {exc}") from None
 
 
-def model_signature(module) -> dict:
+def model_signature(module, trainable_only: bool = False) -> dict:
     """Parameter count and shapes digest, to tell a mismatched checkpoint before DeepSpeed does."""
     numel, shapes = 0, []
     for name, param in module.named_parameters():
+        if trainable_only and not param.requires_grad:
+            continue
         shape = tuple(getattr(param, "ds_shape", param.shape))
         numel += int(torch.Size(shape).numel())
         shapes.append(f"{name}:{list(shape)}")
@@ -185,6 +189,9 @@ class CheckpointManager:
         self.num_rows, self.total_steps = num_rows, total_steps
         self.output_dir = Path(cfg.trainer.output_dir)
         self.root = checkpoint_root(self.output_dir)
+        # The frozen base of each LoRA role, as a weight digest (a collective: every rank, here).
+        self._base_digests = {name: engine.param_digest(model, frozen_only=True)
+                              for name, model in self._engines().items() if engine.lora_section(name)}
 
     def _engines(self):
         """The engines whose state a checkpoint holds: the trained roles (a frozen role, such as
@@ -202,11 +209,33 @@ class CheckpointManager:
             "prompts_per_step": self.cfg.trainer.prompts_per_step,
             "zero_stage": self.cfg.deepspeed.zero_stage,
             "models": {name: model_signature(e.module) for name, e in self._engines().items()},
+            "lora": self._lora_state(),
         }
 
+    def _lora_state(self) -> dict:
+        """``{role: {"rank": r, "alpha", "targets", "base_digest"}}`` of the trained roles: a LoRA
+        checkpoint holds the adapter (and a discriminator's head) only, the frozen base is rebuilt
+        from its source at every start and must be the one the adapter was trained on."""
+        out = {}
+        for name in self._engines():
+            section = self.engine.lora_section(name)
+            out[name] = lora_record(section) if section else {"rank": 0}
+            if section:
+                out[name]["base_digest"] = self._base_digest(name)
+        return out
+
+    def _base_digest(self, name: str) -> float:
+        """``sum(w) + sum(w^2)`` (float64, all ranks) over the frozen weights of a LoRA role."""
+        return self._base_digests[name]
+
+    def _saves_frozen(self, name: str) -> bool:
+        return self.engine.lora_section(name) is None
+
     def checkpoint_bytes(self) -> int:
-        """Estimated size of one checkpoint, all ranks together (parameter count x 16 bytes)."""
-        return sum(model_signature(e.module)["numel"] for e in self._engines().values()) * CHECKPOINT_BYTES_PER_PARAM
+        """Estimated size of one checkpoint, all ranks together (saved parameter count x 16 bytes: a
+        LoRA role saves its trainable parameters only)."""
+        return sum(model_signature(e.module, trainable_only=not self._saves_frozen(name))["numel"]
+                   for name, e in self._engines().items()) * CHECKPOINT_BYTES_PER_PARAM
 
     def save(self, step: int, health: dict | None = None) -> Path:
         """Write the step-``step`` checkpoint; ``health`` (the guard's count of non-finite weights
@@ -223,7 +252,8 @@ class CheckpointManager:
                     step_dir.mkdir(parents=True)
                 runtime.barrier()
                 for name, engine in self._engines().items():
-                    engine.save_checkpoint(str(step_dir), tag=name, save_latest=False)
+                    engine.save_checkpoint(str(step_dir), tag=name, save_latest=False,
+                                           exclude_frozen_parameters=not self._saves_frozen(name))
                 torch.save(runtime.rng_state(), step_dir / f"rng_rank{self.rank}.pt")
                 if self.rank == 0:
                     self._save_hf_metadata(step_dir)
@@ -288,7 +318,9 @@ class CheckpointManager:
     def _shard_problems(self, state: dict) -> list:
         """Why DeepSpeed could not load a checkpoint's ZeRO shards into this run's engines as they
         are: another rank count, another ZeRO stage, another model."""
-        problems = []
+        problems = self._lora_problems(state)
+        if problems:
+            return problems  # the model shapes then differ too; the LoRA flags say why
         if state.get("world_size") != self.world_size:
             problems.append(f"it was written by {state.get('world_size')} ranks, this run has {self.world_size}")
         if state.get("zero_stage") != self.cfg.deepspeed.zero_stage:
@@ -298,6 +330,28 @@ class CheckpointManager:
             if saved and saved != model_signature(engine.module):
                 problems.append(f"the {name} model differs ({saved['numel']} parameters saved, "
                                 f"{model_signature(engine.module)['numel']} now, or different shapes)")
+        return problems
+
+    def _lora_problems(self, state: dict) -> list:
+        """A checkpoint written with another LoRA setting (or full fine-tuning), or whose adapter
+        was trained on another base model, named by the flag that differs."""
+        problems = []
+        saved_all = state.get("lora", {})
+        for name in self._engines():
+            section = self.engine.lora_section(name)
+            mine = lora_record(section) if section else {"rank": 0}
+            saved = {k: v for k, v in saved_all.get(name, {"rank": 0}).items() if k != "base_digest"}
+            if saved != mine:
+                flag = self.engine.roles[name].optimizer_section
+                said = "full fine-tuning" if not saved.get("rank") else f"LoRA {saved}"
+                now = "full fine-tuning" if not mine.get("rank") else f"LoRA {mine}"
+                problems.append(f"--{flag}.lora_rank/lora_alpha/lora_target_modules: the {name} checkpoint was written "
+                                f"with {said}, this run has {now}")
+            elif section and "base_digest" in saved_all.get(name, {}) and \
+                    saved_all[name]["base_digest"] != self._base_digest(name):
+                problems.append(f"the {name}'s frozen base differs from the one its adapter was trained on (weight "
+                                f"digest {saved_all[name]['base_digest']!r} saved, {self._base_digest(name)!r} now): "
+                                f"the run must start from the same model ({self.engine.model_paths.get(name)})")
         return problems
 
     def _check_compatible(self, step_dir: Path, state: dict):
@@ -359,7 +413,8 @@ class CheckpointManager:
             _safe_checkpoint_engine(engine)
             try:
                 path, _ = engine.load_checkpoint(str(step_dir), tag=name, load_optimizer_states=True,
-                                                 load_lr_scheduler_states=True)
+                                                 load_lr_scheduler_states=True,
+                                                 load_module_strict=self._saves_frozen(name))
             except CheckpointError:
                 raise
             except (RuntimeError, EOFError, OSError, KeyError, ValueError, AssertionError) as exc:
@@ -398,6 +453,8 @@ class CheckpointManager:
             runtime.barrier()
             for name, module in modules.items():
                 export_live(module, partial / name, engine.tokenizer, zero3=engine.zero3)
+                if engine.lora_section(name):
+                    self._export_adapter(name, module, partial / f"{name}_adapter")
                 _fault_injection_point(f"export_wrote_{name}", 0)
             error = None
             try:
@@ -410,6 +467,20 @@ class CheckpointManager:
                 error = disk_error(partial, "the final export", exc)
             runtime.raise_together(error, CheckpointError)
         return out
+
+
+    def _export_adapter(self, name: str, module, out: Path) -> None:
+        """A LoRA role's adapter (and a discriminator's head) as PEFT's folder, beside its merged export."""
+        scorer = self.engine.roles[name].kind == SCORER
+        state = adapter_state_dict(module, self.engine.zero3, extra=("score.weight",) if scorer else ())
+        error = None
+        if self.rank == 0:
+            try:
+                save_adapter_folder(state, lora_config(self.engine.lora_section(name), seqcls=scorer), out,
+                                    base_model=self.engine.model_paths[name])
+            except OSError as exc:
+                error = disk_error(out, "the final export", exc)
+        runtime.raise_together(error, CheckpointError)
 
 
 def fresh_optimizer_moments(engine) -> None:

@@ -104,8 +104,35 @@ class RolloutConfig:
     for an actor that does not fit whole on one GPU."""
 
 
+LORA_DEFAULT_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+
+
 @dataclass
-class ActorConfig:
+class LoraFields:
+    """LoRA of a trained role (the actor, the discriminator); the same fields in both sections."""
+
+    lora_rank: int = 0
+    """LoRA rank r of this role's adapter (PEFT): the base weights stay frozen and only the low-rank
+    matrices A, B (and a discriminator's score head) train. 0 = full fine-tuning (the published
+    recipe). A LoRA actor's reference is the actor with its adapter switched off (no separate model);
+    the rollout engine gets the merged weights W + (alpha/r) B A; exports are merged Hugging Face
+    folders plus the adapter in PEFT's format (``final/<role>_adapter``)."""
+    lora_alpha: float = 0.0
+    """LoRA alpha: the update is scaled by alpha / r. 0 = 2 x lora_rank (scale 2)."""
+    lora_dropout: float = 0.0
+    """Dropout on the adapter's input while training (0 keeps rollouts and updates on the same function)."""
+    lora_target_modules: str = LORA_DEFAULT_TARGETS
+    """Comma-separated module names that get an adapter (matched as name suffixes, PEFT's rule), or
+    ``all-linear``. The attention and MLP projections of Qwen2.5 and Llama by default; the embedding
+    and the LM head (tied in small Qwen models) are refused."""
+
+    @property
+    def lora_scaling_alpha(self) -> float:
+        return self.lora_alpha or 2.0 * self.lora_rank
+
+
+@dataclass
+class ActorConfig(LoraFields):
     lr: float = 1e-6
     weight_decay: float = 0.01
     betas: str = "0.9,0.999"
@@ -151,7 +178,7 @@ class ActorConfig:
 
 
 @dataclass
-class DiscriminatorConfig:
+class DiscriminatorConfig(LoraFields):
     """The discriminator: the model DeepSpeed-Chat and verl call the critic (one name here: flags
     ``--discriminator.*``, metrics ``discriminator/*``, checkpoint and export folders ``discriminator``)."""
 
@@ -317,6 +344,8 @@ RANGES = (  # (flag, low, high or None, low excluded); high is inclusive
     ("discriminator.bradley_terry_coef", 0, None, False), ("discriminator.sft_coef", 0, None, False),
     ("discriminator.updates_per_step", 1, None, False), ("actor.sft_coef", 0, None, False),
     ("actor.dpo_beta", 0, None, True), ("actor.reference_refresh_every", 0, None, False),
+    *((f"{section}.{name}", 0, high, False) for section in ("actor", "discriminator")
+      for name, high in (("lora_rank", None), ("lora_alpha", None), ("lora_dropout", 0.999))),
 )
 """Numeric fields that must be finite and within a range."""
 NON_EMPTY = (("model.actor_path", "a hub id or a folder"), ("data.train_files", "one or more files"),
@@ -370,10 +399,26 @@ def value_problems(cfg: "GADConfig", trained_sections=("actor", "discriminator")
                                                                                  or scorer.sft_coef > 0):
         problems.append("--discriminator.bradley_terry_coef must be > 0 unless --discriminator.sft_coef > 0 (the "
                         f"discriminator needs a loss), got {scorer.bradley_terry_coef!r}")
+    problems += [problem for name in ("actor", "discriminator") if (problem := lora_problem(getattr(cfg, name), name))]
     split = cfg.data.eval_split
     if not (_finite(split) and (split == 0 or 0 < split < 1)):
         problems.append(f"--data.eval_split must be 0 (off) or a fraction > 0 and < 1, got {split!r}")
     return problems
+
+
+def lora_problem(section, name: str) -> str:
+    """Pure: why ``--<name>.lora_*`` cannot be used as given, or ``""``."""
+    if not (isinstance(section.lora_rank, int) and section.lora_rank > 0):
+        return ""
+    targets = [t.strip() for t in str(section.lora_target_modules).split(",") if t.strip()]
+    if not targets:
+        return f"--{name}.lora_target_modules must name modules (e.g. {LORA_DEFAULT_TARGETS}) or all-linear, got ''"
+    refused = [t for t in targets if t.split(".")[-1] in ("embed_tokens", "lm_head", "score", "wte")]
+    if refused:
+        return (f"--{name}.lora_target_modules: {', '.join(refused)} cannot take an adapter here (the embedding and "
+                "the LM head are tied in small Qwen models and pushed whole to vLLM; a discriminator's score head "
+                f"trains in full with LoRA anyway), got {section.lora_target_modules!r}")
+    return ""
 
 
 def looks_like_local_path(text: str) -> bool:

@@ -13,6 +13,7 @@ import logging
 
 import torch
 
+from gadchat import lora
 from gadchat import roles as role_kinds
 from gadchat import runtime
 from gadchat.batch import SequenceBatch
@@ -138,10 +139,14 @@ class HybridEngine:
         # the model's generation-config EOS ids (Qwen2.5-Instruct: <|im_end|> and <|endoftext|>).
         self.eos_ids = set(eos_token_ids(self.tokenizer, load_generation_config(self.actor_path)))
         self.models = {}
+        self.model_paths = {}
+        """``{role: resolved model folder or hub id}`` each role was built from (a LoRA role's base)."""
         with self.timer("init_models"):
             for name in role_kinds.ROLE_NAMES:
+                if name == "reference" and self.reference_is_adapter_off:
+                    continue  # the actor with its adapter off (lora.AdapterOffModel): one model less
                 if name in self.roles:
-                    path = resolve_model_path(sources[name])
+                    path = self.model_paths[name] = resolve_model_path(sources[name])
                     if name == "teacher":
                         self._check_same_vocabulary(path)
                     self.models[name] = self._build(self.roles[name], path)
@@ -163,7 +168,24 @@ class HybridEngine:
 
     @property
     def reference(self):
+        """The frozen reference: its own engine, or the LoRA actor with its adapter off."""
+        if "reference" in self.roles and self.reference_is_adapter_off:
+            return lora.AdapterOffModel(self.actor)
         return self.models.get("reference")
+
+    @property
+    def reference_is_adapter_off(self) -> bool:
+        """A LoRA actor's reference is the actor with its adapter off: both start from the same
+        weights (``roles.role_sources``) and the stage starts a fresh adapter (no refresh, rule in
+        ``stages.configure.lora_stage_problems``), so the base weights are the reference's."""
+        return self.trains("actor") and self.cfg.actor.lora_rank > 0
+
+    def lora_section(self, name: str):
+        """The config section of a trained role's LoRA, or None (full fine-tuning, or frozen)."""
+        if not self.trains(name):
+            return None
+        section = self.optimizer_section(name)
+        return section if section.lora_rank > 0 else None
 
     @property
     def discriminator(self):
@@ -220,6 +242,10 @@ class HybridEngine:
         model = self._load(build, section, train=role.trains)
         if not role.trains:
             model.requires_grad_(False)
+        elif section.lora_rank > 0:
+            scorer = role.kind == role_kinds.SCORER
+            lora.add_adapter(model.seqcls if scorer else model, section, role.optimizer_section,
+                             seed=cfg.trainer.seed + 17 * (1 + role_kinds.ROLE_NAMES.index(role.name)), seqcls=scorer)
         engine = self._initialize(model, section, train=role.trains)
         if not role.trains:
             engine.eval()
@@ -272,6 +298,7 @@ class HybridEngine:
                     gpu_memory_utilization=r.vllm_gpu_memory_utilization,
                     tensor_parallel_size=r.tensor_parallel_size, enforce_eager=r.enforce_eager,
                     trust_remote_code=m.trust_remote_code, sleep_between_rollouts=r.vllm_sleep)
+                runtime.close_before_process_group(self.rollout.close)
                 self._rollout_needs_sync = True
             else:
                 self.rollout = self.actor_generator()
@@ -307,25 +334,11 @@ class HybridEngine:
                 ref.data.copy_(act.data)
 
     def iter_actor_weights(self):
-        """``(hf_name, full_tensor)`` for every actor parameter, gathered from ZeRO-3 in buckets of
-        ``rollout.sync_bucket_mb``; all ranks must consume it in lock-step."""
-        import deepspeed
-
-        named = list(self.actor.module.named_parameters())
-        if not self.zero3:
-            for name, param in named:
-                yield name, param.data
-            return
-        budget = self.cfg.rollout.sync_bucket_mb * 2**20
-        bucket, size = [], 0
-        for index, (name, param) in enumerate(named):
-            bucket.append((name, param))
-            size += param.ds_numel * param.element_size()
-            if size >= budget or index == len(named) - 1:
-                with deepspeed.zero.GatheredParameters([p for _, p in bucket]):
-                    tensors = [(n, p.data.detach().clone()) for n, p in bucket]
-                yield from tensors
-                bucket, size = [], 0
+        """``(hf_name, full_tensor)`` for every weight of the actor as a plain Hugging Face model
+        holds it (a LoRA adapter merged in, out of place: :func:`gadchat.lora.iter_merged_weights`),
+        gathered from ZeRO-3 in buckets of ``rollout.sync_bucket_mb``; all ranks must consume it in
+        lock-step."""
+        return lora.iter_merged_weights(self.actor.module, self.zero3, self.cfg.rollout.sync_bucket_mb * 2**20)
 
     def sync_rollout_weights(self, force: bool = False):
         """Push the actor's current weights into vLLM (in place) when they changed."""
@@ -387,12 +400,15 @@ class HybridEngine:
     # checks
 
     @torch.no_grad()
-    def weight_sums(self, engine) -> dict:
+    def weight_sums(self, engine, frozen_only: bool = False) -> dict:
         """``sum``, ``sum_sq`` and ``nonfinite`` (count of NaN/Inf) over every weight of ``engine`` in
-        float64, summed over the ZeRO-3 shards, and ``numel``; every rank gets the same figures."""
+        float64, summed over the ZeRO-3 shards, and ``numel``; every rank gets the same figures.
+        ``frozen_only``: the weights that do not train (a LoRA role's base)."""
         totals = torch.zeros(4, dtype=torch.float64, device=self.device)  # sum, sum_sq, nonfinite, digest
         numel = 0
         for param in engine.module.parameters():
+            if frozen_only and param.requires_grad:
+                continue
             data = param.ds_tensor if hasattr(param, "ds_tensor") else param.data
             numel += int(getattr(param, "ds_numel", param.numel()))
             values = data.float().reshape(-1)
@@ -411,10 +427,10 @@ class HybridEngine:
         total, squares, nonfinite, digest = totals.tolist()
         return {"sum": total, "sum_sq": squares, "nonfinite": int(nonfinite), "numel": numel, "digest": digest}
 
-    def param_digest(self, engine) -> float:
+    def param_digest(self, engine, frozen_only: bool = False) -> float:
         """``sum(w) + sum(w^2)`` over every weight in float64, summed over the ZeRO-3 shards: equal
         digests mean untouched weights (a changed float never cancels out exactly in practice)."""
-        sums = self.weight_sums(engine)
+        sums = self.weight_sums(engine, frozen_only)
         return float("nan") if sums["nonfinite"] else sums["digest"]
 
     @torch.no_grad()

@@ -9,26 +9,21 @@ from pathlib import Path
 
 import torch
 
-from gadchat import runtime
+from gadchat import lora, runtime
 from gadchat.checkpoint_files import LATEST, STATE_FILE, disk_error, latest_checkpoint, read_state, require_free_space
 from gadchat.safe_load import CheckpointError, safe_torch_load, verify_loadable_without_code
 
 
 def gathered_state_dict(module, zero3: bool) -> dict:
-    """Full CPU state dict of ``module`` on rank 0 (every rank must call it under ZeRO-3)."""
-    import deepspeed
-
+    """Full CPU state dict of ``module`` on rank 0 under its plain Hugging Face names (a LoRA adapter
+    merged in, :func:`gadchat.lora.iter_merged_weights`); every rank must call it under ZeRO-3."""
     state = {}
-    for name, param in module.named_parameters():
-        if zero3:
-            with deepspeed.zero.GatheredParameters([param]):
-                if runtime.is_rank0():
-                    state[name] = param.data.detach().cpu().clone()
-        elif runtime.is_rank0():
-            state[name] = param.data.detach().cpu().clone()
+    for name, tensor in lora.iter_merged_weights(module, zero3, bucket_bytes=0):  # one unit per gather
+        if runtime.is_rank0():
+            state[name] = tensor.detach().cpu().clone()
     for name, buffer in module.named_buffers():
         if runtime.is_rank0() and buffer is not None:
-            state.setdefault(name, buffer.detach().cpu().clone())
+            state.setdefault(lora.plain_name(name), buffer.detach().cpu().clone())
     return state
 
 
@@ -54,7 +49,7 @@ def export_live(module, out: Path, tokenizer, zero3: bool) -> None:
     state = gathered_state_dict(module, zero3)
     error = None
     if runtime.is_rank0():
-        persistent = set(module.state_dict().keys())
+        persistent = {lora.plain_name(k) for k in module.state_dict() if not lora.is_adapter_weight(k)}
         state = {k: v for k, v in state.items() if k in persistent}
         try:
             _save_hf_folder(module, state, Path(out), tokenizer)

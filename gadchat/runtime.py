@@ -141,10 +141,22 @@ def is_rank0() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
+_BEFORE_CLOSE: list = []
+
+
+def close_before_process_group(callback) -> None:
+    """Run ``callback`` before the process group is destroyed: a colocated vLLM engine, whose own
+    groups must be torn down by vLLM while the default group still exists."""
+    _BEFORE_CLOSE.append(callback)
+
+
 def close_process_group() -> None:
-    """Destroy the default process group if there is one (local, no collective)."""
+    """Close what must go first (:func:`close_before_process_group`), then destroy the default
+    process group and every group under it if there is one (local, no collective)."""
     import torch.distributed as dist
 
+    while _BEFORE_CLOSE:
+        _BEFORE_CLOSE.pop()()
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
