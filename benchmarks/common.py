@@ -230,6 +230,10 @@ TARGETS = {
     "vllm_speedup": ("vLLM / HF generate tokens/s (~26M model)", ">= 2x", lambda v: v >= 2.0),
     "sync_share": ("weight sync share of a GAD iteration", "<= 5%", lambda v: v <= 0.05),
     "dedup_speedup": ("teacher once per prompt vs once per sample (n=8)", ">= 1.6x", lambda v: v >= 1.6),
+    "lora_state_ratio": ("trainable parameters and optimizer state, full / LoRA r=16", ">= 20x", lambda v: v >= 20),
+    "lora_memory_ratio": ("peak memory of a GAD stage, full / LoRA r=16 (166M Qwen2.5 shape)", ">= 2x",
+                          lambda v: v >= 2.0),
+    "lora_speed_ratio": ("seconds per GAD step, full / LoRA r=16 (same work)", ">= 1x", lambda v: v >= 1.0),
 }
 
 

@@ -43,7 +43,7 @@ from gadchat.checkpoint_files import (COMPLETE, LATEST, STATE_FILE, checkpoint_r
                                       export_complete, final_dir, last_good_checkpoint, latest_checkpoint, read_state,
                                       require_free_space, write_atomic)
 from gadchat.hf_export import export_live
-from gadchat.lora import adapter_state_dict, lora_config, lora_record, save_adapter_folder
+from gadchat.lora import adapter_state_dict, lora_config, lora_record, same_digest, save_adapter_folder
 from gadchat.roles import SCORER
 from gadchat.safe_load import (CheckpointError, _safe_checkpoint_engine, safe_torch_load,  # noqa: F401  (re-exported)
                                verify_loadable_without_code, weight_file_problem)
@@ -221,7 +221,8 @@ class CheckpointManager:
             section = self.engine.lora_section(name)
             out[name] = lora_record(section) if section else {"rank": 0}
             if section:
-                out[name]["base_digest"] = self._base_digest(name)
+                out[name].update(base_digest=self._base_digest(name), base=self.engine.model_paths[name],
+                                 dtype=str(self.engine.dtype).replace("torch.", ""))
         return out
 
     def _base_digest(self, name: str) -> float:
@@ -255,6 +256,8 @@ class CheckpointManager:
                     engine.save_checkpoint(str(step_dir), tag=name, save_latest=False,
                                            exclude_frozen_parameters=not self._saves_frozen(name))
                 torch.save(runtime.rng_state(), step_dir / f"rng_rank{self.rank}.pt")
+                if self.engine.actor_ema is not None:
+                    torch.save(self.engine.actor_ema.state_dict(), step_dir / f"ema_rank{self.rank}.pt")
                 if self.rank == 0:
                     self._save_hf_metadata(step_dir)
             except (OSError, RuntimeError) as exc:
@@ -311,9 +314,22 @@ class CheckpointManager:
             if isinstance(exc, CheckpointError):
                 raise
             raise CheckpointError(f"{rng_file} is not an RNG state of this version ({type(exc).__name__}: {exc})") from exc
+        if self.engine.actor_ema is not None:
+            self._load_ema(step_dir / f"ema_rank{self.rank}.pt")
         if self.rank == 0:
             logger.info("resumed %s from %s at step %d/%d", state["stage"], step_dir, state["step"], self.total_steps)
         return int(state["step"])
+
+    def _load_ema(self, path: Path) -> None:
+        if not path.exists():
+            raise CheckpointError(f"{path} is missing: --actor.ema_decay is on, and the checkpoint was written "
+                                  "without an EMA (or by fewer ranks); resume with --actor.ema_decay 0")
+        try:
+            self.engine.actor_ema.load_state_dict(safe_torch_load(path), path)
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            if isinstance(exc, CheckpointError):
+                raise
+            raise CheckpointError(f"{path}: not an EMA of this run's actor ({type(exc).__name__}: {exc})") from exc
 
     def _shard_problems(self, state: dict) -> list:
         """Why DeepSpeed could not load a checkpoint's ZeRO shards into this run's engines as they
@@ -340,7 +356,7 @@ class CheckpointManager:
         for name in self._engines():
             section = self.engine.lora_section(name)
             mine = lora_record(section) if section else {"rank": 0}
-            saved = {k: v for k, v in saved_all.get(name, {"rank": 0}).items() if k != "base_digest"}
+            saved = {k: v for k, v in saved_all.get(name, {"rank": 0}).items() if k in ("rank", "alpha", "targets")}
             if saved != mine:
                 flag = self.engine.roles[name].optimizer_section
                 said = "full fine-tuning" if not saved.get("rank") else f"LoRA {saved}"
@@ -348,7 +364,7 @@ class CheckpointManager:
                 problems.append(f"--{flag}.lora_rank/lora_alpha/lora_target_modules: the {name} checkpoint was written "
                                 f"with {said}, this run has {now}")
             elif section and "base_digest" in saved_all.get(name, {}) and \
-                    saved_all[name]["base_digest"] != self._base_digest(name):
+                    not same_digest(saved_all[name]["base_digest"], self._base_digest(name)):
                 problems.append(f"the {name}'s frozen base differs from the one its adapter was trained on (weight "
                                 f"digest {saved_all[name]['base_digest']!r} saved, {self._base_digest(name)!r} now): "
                                 f"the run must start from the same model ({self.engine.model_paths.get(name)})")
@@ -446,7 +462,8 @@ class CheckpointManager:
         engine = self.engine
         modules = engine.exported_modules()
         with engine.timer("export"):
-            needed = sum(model_signature(m)["numel"] for m in modules.values()) * torch.finfo(engine.dtype).bits // 8
+            copies = [*modules.values(), *([modules["actor"]] if engine.actor_ema is not None else [])]
+            needed = sum(model_signature(m)["numel"] for m in copies) * torch.finfo(engine.dtype).bits // 8
             require_free_space(self.output_dir, needed, "the final export")
             if self.rank == 0 and partial.exists():
                 shutil.rmtree(partial)
@@ -455,6 +472,9 @@ class CheckpointManager:
                 export_live(module, partial / name, engine.tokenizer, zero3=engine.zero3)
                 if engine.lora_section(name):
                     self._export_adapter(name, module, partial / f"{name}_adapter")
+                if name == "actor" and engine.actor_ema is not None:
+                    with engine.actor_ema.swapped_in():
+                        export_live(module, partial / "actor_ema", engine.tokenizer, zero3=engine.zero3)
                 _fault_injection_point(f"export_wrote_{name}", 0)
             error = None
             try:

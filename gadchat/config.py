@@ -171,6 +171,11 @@ class ActorConfig(LoraFields):
     to the actor's loss (InstructGPT's PPO-ptx term, keeping the SFT signal on). 0 = off."""
     dpo_beta: float = 0.1
     """spin stage: the DPO temperature beta of SPIN's loss (Chen et al. 2024 use 0.1)."""
+    ema_decay: float = 0.0
+    """> 0: keep an exponential moving average of the actor's trained weights (the adapter's under
+    LoRA), ``ema <- d * ema + (1 - d) * w`` after every actor optimizer step from the start weights,
+    checkpointed and exported as ``final/actor_ema`` (DeepSpeed-Chat's ``--enable_ema`` uses d =
+    0.992). 0 = off."""
     reference_refresh_every: int = 0
     """spin stage: every N steps the reference becomes a copy of the current actor (SPIN's
     iterations, the opponent refreshed); 0 = the reference stays the stage's start model.
@@ -344,6 +349,7 @@ RANGES = (  # (flag, low, high or None, low excluded); high is inclusive
     ("discriminator.bradley_terry_coef", 0, None, False), ("discriminator.sft_coef", 0, None, False),
     ("discriminator.updates_per_step", 1, None, False), ("actor.sft_coef", 0, None, False),
     ("actor.dpo_beta", 0, None, True), ("actor.reference_refresh_every", 0, None, False),
+    ("actor.ema_decay", 0, 0.999999, False),
     *((f"{section}.{name}", 0, high, False) for section in ("actor", "discriminator")
       for name, high in (("lora_rank", None), ("lora_alpha", None), ("lora_dropout", 0.999))),
 )

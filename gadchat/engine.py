@@ -18,6 +18,7 @@ from gadchat import roles as role_kinds
 from gadchat import runtime
 from gadchat.batch import SequenceBatch
 from gadchat.config import GADConfig, parse_betas, read_deepspeed_json
+from gadchat.ema import WeightEMA
 from gadchat.logprobs import sequence_log_probs
 from gadchat.models import (attn_implementation, eos_token_ids, load_causal_lm, load_discriminator,
                             load_generation_config, load_tokenizer, resolve_model_path)
@@ -150,6 +151,8 @@ class HybridEngine:
                     if name == "teacher":
                         self._check_same_vocabulary(path)
                     self.models[name] = self._build(self.roles[name], path)
+        self.actor_ema = WeightEMA(self.actor.module, cfg.actor.ema_decay) \
+            if self.trains("actor") and cfg.actor.ema_decay > 0 else None
         self.rollout_class = backend_class(cfg.rollout.backend)  # vLLM (own weights, pushed) or HF (the actor itself)
         self.rollout = None
         self._rollout_needs_sync = False
@@ -221,7 +224,12 @@ class HybridEngine:
         if not self.trains(name):
             raise RuntimeError(f"the {name} role is frozen in this stage")
         return ModelUpdate(self.models[name], micro_batches,
-                           after_step=self.mark_actor_updated if name == "actor" else None)
+                           after_step=self._after_actor_step if name == "actor" else None)
+
+    def _after_actor_step(self) -> None:
+        self.mark_actor_updated()
+        if self.actor_ema is not None:
+            self.actor_ema.update()
 
     # ------------------------------------------------------------------------------------------
     # construction

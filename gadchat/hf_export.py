@@ -75,6 +75,9 @@ def export_from_checkpoint(checkpoint_path, out_dir, which: str = "actor", dtype
     prefix = "seqcls." if which == "discriminator" else ""
     state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     config = AutoConfig.from_pretrained(meta)
+    record = read_state(step_dir).get("lora", {}).get(which, {})
+    if record.get("rank"):  # the adapter (and head) only: merged onto the base it was trained on
+        state = lora.merged_from_checkpoint(state, record, which, config, seqcls=which == "discriminator")
     cls = AutoModelForSequenceClassification if which == "discriminator" else AutoModelForCausalLM
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     with torch.device("meta"):

@@ -210,6 +210,58 @@ def save_adapter_folder(state: dict, config, out: Path, base_model: str) -> None
     config.save_pretrained(str(out))
 
 
+def same_digest(a: float, b: float) -> bool:
+    """Two weight digests of the same weights: equal up to the float64 rounding of another summation
+    order (another partitioning over ranks); a different model differs far more."""
+    import math
+
+    return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-9)
+
+
+def weight_digest(named) -> float:
+    """``sum(w) + sum(w^2)`` in float64 over ``(name, tensor)`` pairs (``HybridEngine.param_digest``'s figure)."""
+    total = 0.0
+    for _, tensor in named:
+        values = tensor.detach().double().reshape(-1)
+        total += float(values.sum() + (values * values).sum())
+    return total
+
+
+def merged_from_checkpoint(trained: dict, record: dict, which: str, meta_config, seqcls: bool) -> dict:
+    """The merged weights of a LoRA role from its checkpoint, offline on CPU: ``trained`` holds what
+    the checkpoint saved (the adapter, a discriminator's head) under the module's names; the frozen
+    base is loaded again from ``record["base"]`` (the model the run started from, in the run's dtype)
+    and must have the weight digest recorded at training time."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from gadchat.config import ActorConfig
+    from gadchat.safe_load import CheckpointError
+
+    base = record.get("base")
+    cls = AutoModelForSequenceClassification if seqcls else AutoModelForCausalLM
+    dtype = getattr(torch, record.get("dtype", "float32"))
+    try:
+        model = cls.from_pretrained(base, config=meta_config, dtype=dtype)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"the {which} checkpoint holds a LoRA adapter only; its base model {base!r} cannot be "
+                              f"loaded ({exc}); export from the machine that has it") from None
+    section = ActorConfig(lora_rank=record["rank"], lora_alpha=record["alpha"], lora_target_modules=record["targets"])
+    add_adapter(model, section, which, seed=0, seqcls=seqcls)
+    frozen = [(n, p) for n, p in model.named_parameters() if not p.requires_grad]
+    if "base_digest" in record and not same_digest(weight_digest(frozen), record["base_digest"]):
+        raise CheckpointError(f"the {which} adapter was trained on another base than {base} (weight digest "
+                              f"{record['base_digest']!r} recorded, {weight_digest(frozen)!r} now)")
+    needed = [n for n, p in model.named_parameters() if p.requires_grad]
+    missing = [n for n in needed if n not in trained]
+    if missing:
+        raise CheckpointError(f"the {which} checkpoint lacks {len(missing)} adapter weights, e.g. {missing[:3]}")
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name in trained:
+                param.copy_(trained[name].to(param.dtype))
+    return {name: tensor.float() for name, tensor in iter_merged_weights(model, zero3=False, bucket_bytes=0)}
+
+
 def lora_record(section) -> dict:
     """What a checkpoint records of a role's LoRA (compared at resume)."""
     if section.lora_rank <= 0:

@@ -195,6 +195,20 @@ def finished_seqkd_run(tmp: Path) -> Path:
     return run
 
 
+def killed_full_run(tmp: Path) -> Path:
+    """A real seqkd run with full fine-tuning (one rank), as a kill after its step-1 checkpoint leaves it."""
+    import shutil
+
+    run = tmp / "killed"
+    subprocess.run([sys.executable, str(REPO / STEP["seqkd"]), *train(tmp, "--model.actor_path", tiny_model(),
+                    "--trainer.output_dir", run, "--trainer.max_steps", 2, "--trainer.save_every", 1,
+                    "--deepspeed.zero_stage", 0)], cwd=REPO, check=True, capture_output=True)
+    shutil.rmtree(run / "final")
+    shutil.rmtree(run / "checkpoints" / "step_00000002")
+    (run / "checkpoints" / "latest").write_text("step_00000001")
+    return run
+
+
 def snapshot(folder: Path) -> dict:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
@@ -322,6 +336,14 @@ CASES = [
          lambda t, u: train(t, "--model.actor_path", tiny_model(), "--trainer.output_dir", finished_seqkd_run(t),
                             "--trainer.max_steps", 1, "--deepspeed.zero_stage", 0, "--actor.lr", 0.5),
          "--actor.lr 0.001 -> 0.5", code=0, marker="were not applied"),
+    Case("lora_targets", "gad", "a LoRA rank on a model without the target modules",
+         lambda t, u: train(t, "--actor.lora_rank", 4, "--actor.lora_target_modules", "c_attn,c_proj"),
+         "--actor.lora_target_modules 'c_attn,c_proj': the model has no such module"),
+    Case("lora_resume_full", "seqkd", "a LoRA run resumed from a full-fine-tuning checkpoint",
+         lambda t, u: train(t, "--model.actor_path", tiny_model(), "--trainer.output_dir", killed_full_run(t),
+                            "--trainer.max_steps", 2, "--trainer.save_every", 1, "--deepspeed.zero_stage", 0,
+                            "--actor.lora_rank", 4),
+         "--actor.lora_rank/lora_alpha/lora_target_modules: the actor checkpoint was written with full fine-tuning"),
     # --- teacher collection
     Case("collect_retries", "collect", "--max-retries -1", lambda t, u: collect(t, u, "--max-retries", -1),
          "argument --max-retries: must be >= 0"),

@@ -1,8 +1,9 @@
-"""LoRA for the actor and the discriminator: the adapter on its own (trainable counts by hand, the
+"""LoRA for the actor and the discriminator, and the actor's EMA: the adapter on its own (trainable counts by hand, the
 out-of-place merge, the adapter switched off, PEFT's folder), the configuration rules, and 2-rank
 ZeRO-3 runs with real vLLM: the merged push (and the base alone as its negative control), the
 adapter-off reference against a separate one, the merged export, checkpoints that hold only what
-trains, exact resume with gradient checkpointing on, and the refusal of a mismatched resume."""
+trains, exact resume with gradient checkpointing on (the EMA included), the offline export, and the
+refusal of a mismatched resume; the EMA equals a hand-computed average under ZeRO-3."""
 
 from __future__ import annotations
 
@@ -10,11 +11,13 @@ import json
 import math
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from conftest import HAS_VLLM, launch, launch_probe, load_weights, read_metrics, tiny_args
+from conftest import HAS_VLLM, REPO, launch, launch_probe, load_weights, read_metrics, tiny_args
 from gadchat import lora
 from gadchat.config import GADConfig, ActorConfig
 
@@ -122,6 +125,29 @@ def test_the_adapter_folder_loads_in_peft_over_its_base(tiny_model, tmp_path):
         assert torch.allclose(loaded(input_ids=x).logits, model(input_ids=x).logits, atol=1e-6)
 
 
+def test_ema_averages_the_trained_weights_by_hand_and_round_trips():
+    from gadchat.ema import WeightEMA, ema_update
+
+    average = torch.tensor([1.0, 2.0])
+    ema_update(average, torch.tensor([3.0, -2.0]), 0.75)
+    assert torch.equal(average, torch.tensor([1.5, 1.0]))  # 0.75 * a + 0.25 * w
+    layer = torch.nn.Linear(2, 1, bias=False)
+    layer.weight.data.copy_(torch.tensor([[0.0, 4.0]]))
+    ema = WeightEMA(layer, 0.5)
+    for value in ([[2.0, 0.0]], [[4.0, 8.0]]):
+        layer.weight.data.copy_(torch.tensor(value))
+        ema.update()
+    expected = torch.tensor([[0.25 * 0 + 0.25 * 2 + 0.5 * 4, 0.25 * 4 + 0.25 * 0 + 0.5 * 8]])
+    with ema.swapped_in():
+        assert torch.equal(layer.weight.data, expected)
+    assert torch.equal(layer.weight.data, torch.tensor([[4.0, 8.0]]))
+    again = WeightEMA(layer, 0.5)
+    again.load_state_dict(ema.state_dict(), "test")
+    assert again.updates == 2 and torch.equal(again.averages[0], expected)
+    with pytest.raises(ValueError, match="ema_decay must be"):
+        WeightEMA(layer, 1.0)
+
+
 # ----------------------------------------------------------------------------------------------
 # configuration rules
 
@@ -161,7 +187,8 @@ def test_lora_push_reference_counts_and_export_under_zero3(tiny_model, tmp_path)
     try:
         launch_probe("lora_probe.py", 2, tiny_args(tiny_model, tmp_path / "run", "--rollout.backend", BACKEND,
                                                    "--actor.lora_rank", 4, "--discriminator.lora_rank", 2,
-                                                   "--actor.lr", 0.05, "--actor.kl_coef", 0.01), probe, timeout=600)
+                                                   "--actor.lr", 0.05, "--actor.kl_coef", 0.01,
+                                                   "--actor.ema_decay", 0.5), probe, timeout=600)
     finally:
         os.environ.pop("PROBE_EXPORT", None)
     seen = torch.load(probe)
@@ -177,6 +204,12 @@ def test_lora_push_reference_counts_and_export_under_zero3(tiny_model, tmp_path)
     assert seen["actor_total"] > 20 * sum(seen["actor_trainable"].values())
     assert seen["actor_adapter_replicated"] > 0
     assert seen["actor_adapter_rank_gap"] == 0.0 and seen["discriminator_adapter_rank_gap"] == 0.0
+    # the EMA of the adapter after two updates is the hand-computed average, and swapping it in for
+    # an export leaves the trained weights as they were
+    for name, expected in seen["ema_expected"].items():
+        assert torch.allclose(seen["ema_swapped_in"][name], expected, atol=1e-7), name
+        assert torch.equal(seen["weights_after_swap"][name], seen["weights_before_swap"][name]), name
+    assert any(not torch.equal(seen["ema_expected"][n], seen["weights_before_swap"][n]) for n in seen["ema_expected"])
     # the push: merged weights match the actor; the base alone does not (the check can fail)
     assert seen["sync_merged"]["debug/rollout_greedy_match"] == 1.0
     assert seen["sync_merged"]["debug/rollout_greedy_logprob_gap"] < 1e-5
@@ -203,7 +236,8 @@ def test_lora_gad_checkpoints_the_adapter_resumes_exactly_and_refuses_a_full_res
     run = tmp_path / "gad"
     flags = ["--rollout.backend", BACKEND, "--actor.lora_rank", 4, "--discriminator.lora_rank", 2,
              "--actor.lr", 1e-2, "--actor.kl_coef", 0.01, "--trainer.max_steps", 4, "--trainer.save_every", 2,
-             "--trainer.keep_last", 3, "--trainer.verify_rollout_sync", "true", "--trainer.log_param_digest", "true"]
+             "--trainer.keep_last", 3, "--trainer.verify_rollout_sync", "true", "--trainer.log_param_digest", "true",
+             "--actor.ema_decay", 0.9]
     launch("gad", 2, tiny_args(tiny_model, run, *flags))
     rows = read_metrics(run)
     assert all(r["debug/rollout_greedy_match"] == 1.0 for r in rows[1:])
@@ -215,10 +249,22 @@ def test_lora_gad_checkpoints_the_adapter_resumes_exactly_and_refuses_a_full_res
     size = sum(f.stat().st_size for f in (run / "checkpoints" / "step_00000002").rglob("*") if f.is_file())
     base = sum(f.stat().st_size for f in (run / "final" / "actor").glob("*.safetensors"))
     assert size < base  # two models' adapters and Adam states < one model's weights
-    # the export: merged folders plus PEFT adapter folders
+    # the export: merged folders plus PEFT adapter folders, and the EMA's merged folder
+    ema, last = load_weights(run / "final" / "actor_ema"), load_weights(run / "final" / "actor")
+    assert set(ema) == set(last) and any(not torch.equal(ema[k], last[k]) for k in ema)
     for role in ("actor", "discriminator"):
         assert (run / "final" / f"{role}_adapter" / "adapter_model.safetensors").exists()
         assert not any(".lora_" in k for k in load_weights(run / "final" / role))
+
+    # the offline export from the ZeRO checkpoint: the adapter merged onto its recorded base
+    offline = tmp_path / "offline"
+    result = subprocess.run([sys.executable, "-m", "inference.export", "--checkpoint", str(run), "--out", str(offline)],
+                            cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for role in ("actor", "discriminator"):
+        live, merged = load_weights(run / "final" / role), load_weights(offline / role)
+        assert set(live) == set(merged), role
+        assert all(torch.allclose(live[k], merged[k], atol=1e-6) for k in live), role
 
     # killed after step 2, resumed with gradient checkpointing on: the same run, bit for bit
     resumed = tmp_path / "resumed"
@@ -231,7 +277,7 @@ def test_lora_gad_checkpoints_the_adapter_resumes_exactly_and_refuses_a_full_res
     (resumed / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= 2))
     launch("gad", 2, tiny_args(tiny_model, resumed, *flags, "--model.gradient_checkpointing", "true"))
     assert comparable(read_metrics(resumed)) == comparable(rows)
-    for role in ("actor", "discriminator"):
+    for role in ("actor", "discriminator", "actor_ema"):  # the EMA survives the resume too
         a, b = load_weights(run / "final" / role), load_weights(resumed / "final" / role)
         assert all(torch.equal(a[k], b[k]) for k in a), role
 

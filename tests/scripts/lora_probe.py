@@ -49,10 +49,29 @@ def optimizer_state_numel(model) -> int:
     return int(total.item())
 
 
+
+
+def trained_weights(model) -> dict:
+    """The whole trained parameters (gathered from ZeRO-3), on every rank."""
+    import deepspeed
+
+    named = [(n, p) for n, p in model.module.named_parameters() if p.requires_grad]
+    with deepspeed.zero.GatheredParameters([p for _, p in named]):
+        return {n: p.data.detach().float().clone() for n, p in named}
+
+
+seen_weights = [trained_weights(engine.actor)]  # w0, w1, w2: the EMA's inputs
 for _ in range(2):
     with engine.update("actor", 1) as update:
         log_probs, _ = engine.log_probs(engine.actor, batch)
         update.backward(-(log_probs * batch.target_mask).sum() / batch.target_mask.sum())
+    seen_weights.append(trained_weights(engine.actor))
+decay = cfg.actor.ema_decay
+out["ema_expected"] = {n: decay**2 * seen_weights[0][n] + decay * (1 - decay) * seen_weights[1][n]
+                       + (1 - decay) * seen_weights[2][n] for n in seen_weights[0]}
+with engine.actor_ema.swapped_in():
+    out["ema_swapped_in"] = trained_weights(engine.actor)
+out["weights_after_swap"], out["weights_before_swap"] = trained_weights(engine.actor), seen_weights[2]
 out["actor_optimizer_state_numel"] = optimizer_state_numel(engine.actor)
 engine.scores_no_grad(batch, 4)  # a discriminator forward (its persistent weights fetched)
 
