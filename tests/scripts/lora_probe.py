@@ -49,6 +49,18 @@ def optimizer_state_numel(model) -> int:
     return int(total.item())
 
 
+def replica_gaps() -> None:
+    """Adapters small enough for ZeRO-3 to keep whole on every rank (``ds_persist``; gathered again
+    after every optimizer step) hold the same values everywhere."""
+    for name, model in engine.trained_models().items():
+        gap, count = torch.zeros(1), 0
+        for n, p in model.module.named_parameters():
+            if lora.is_adapter_weight(n) and p.ds_persist and p.data.numel() == p.ds_numel:
+                rank0 = p.data.clone()
+                torch.distributed.broadcast(rank0, 0)
+                gap, count = torch.maximum(gap, (p.data - rank0).abs().max().reshape(1)), count + 1
+        torch.distributed.all_reduce(gap, op=torch.distributed.ReduceOp.MAX)
+        out[f"{name}_adapter_rank_gap"], out[f"{name}_adapter_replicated"] = float(gap), count
 
 
 def trained_weights(model) -> dict:
@@ -65,6 +77,7 @@ for _ in range(2):
     with engine.update("actor", 1) as update:
         log_probs, _ = engine.log_probs(engine.actor, batch)
         update.backward(-(log_probs * batch.target_mask).sum() / batch.target_mask.sum())
+    replica_gaps()
     seen_weights.append(trained_weights(engine.actor))
 decay = cfg.actor.ema_decay
 out["ema_expected"] = {n: decay**2 * seen_weights[0][n] + decay * (1 - decay) * seen_weights[1][n]
@@ -73,19 +86,6 @@ with engine.actor_ema.swapped_in():
     out["ema_swapped_in"] = trained_weights(engine.actor)
 out["weights_after_swap"], out["weights_before_swap"] = trained_weights(engine.actor), seen_weights[2]
 out["actor_optimizer_state_numel"] = optimizer_state_numel(engine.actor)
-engine.scores_no_grad(batch, 4)  # a discriminator forward (its persistent weights fetched)
-
-# adapters small enough for ZeRO-3 to keep whole on every rank (ds_persist, fetched by the forwards
-# above) hold the same values everywhere
-for name, model in engine.trained_models().items():
-    gap, count = torch.zeros(1), 0
-    for n, p in model.module.named_parameters():
-        if lora.is_adapter_weight(n) and p.ds_persist and p.data.numel() == p.ds_numel:
-            rank0 = p.data.clone()
-            torch.distributed.broadcast(rank0, 0)
-            gap, count = torch.maximum(gap, (p.data - rank0).abs().max().reshape(1)), count + 1
-    torch.distributed.all_reduce(gap, op=torch.distributed.ReduceOp.MAX)
-    out[f"{name}_adapter_rank_gap"], out[f"{name}_adapter_replicated"] = float(gap), count
 
 prompts = [example.prompt_ids for example in trainer.examples[:4]]
 if engine.rollout is None:
