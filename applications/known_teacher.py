@@ -43,7 +43,7 @@ ARMS = ("start", "seqkd", "warmup", "gad", "gad_frozen", "opd", "gad_lr", "spin"
 # The main comparison (--protocol best): every arm continues from SeqKD's best checkpoint (chosen per seed
 # by the forward NLL of a validation part of the training data, never the test prompts) for the same
 # number of actor steps; seqkd_more is more SFT from there, opd the white-box bound from there.
-BEST_ARMS = ("seqkd_best", "seqkd_more", "gad", "gad_lr", "spin", "opd")
+BEST_ARMS = ("seqkd_best", "seqkd_more", "gad", "gad_lr", "spin", "opd", "seqkd_more_lora", "opd_lora")
 VALIDATION_SPLIT = 0.1  # --protocol best: the share of the training prompts held out to pick SeqKD's best step
 # The search on this set-up (benchmarks/RESULTS.md): the recipe's actor lr (1e-3, tuned for SFT of the
 # tiny student) makes the policy outrun the discriminator in the GAD stage and collapse; 2e-5 was stable.
@@ -51,6 +51,9 @@ DEFAULT_GAD_FLAGS = "--actor.lr 2e-5"
 DEFAULT_OPD_FLAGS = "--actor.lr 1e-3"  # the recipe's SFT lr; 1e-4 left OPD level with SeqKD (RESULTS.md)
 DEFAULT_GAD_LR_FLAGS = "--actor.lr 1e-3 --discriminator.lr 1e-3 --actor.grad_clip 1.0 --discriminator.grad_clip 1.0"
 DEFAULT_SPIN_FLAGS = "--actor.lr 1e-4 --actor.grad_clip 1.0"
+# The LoRA arms (issue 19): the same stages with a rank-16 adapter on the seven projections, at ten times
+# the full fine-tuning learning rate (a common rule for LoRA; not tuned here).
+LORA_FLAGS = "--actor.lora_rank 16 --actor.lr 1e-2"
 TEACHER_MAX_NEW_TOKENS = 128  # the teacher data's cap; the recipe's rollouts use the same
 METRICS = [  # (key, label, lower is better)
     ("reverse_kl", "reverse KL / token", True),
@@ -140,6 +143,11 @@ def best_stage_plan(arm: str, args) -> list:
                                                        *shlex.split(args.gad_flags)])]
     if arm in ("gad_lr", "spin", "opd"):
         return [(arm, arm + suffix, "seqkd_best", ["--trainer.max_steps", steps, *shlex.split(arm_flags(arm, args))])]
+    if arm == "seqkd_more_lora":
+        return [("seqkd", "seqkd_more_lora", "seqkd_best", ["--trainer.max_steps", steps, *shlex.split(LORA_FLAGS)])]
+    if arm == "opd_lora":
+        return [("opd", "opd_lora" + suffix, "seqkd_best", ["--trainer.max_steps", steps, *shlex.split(arm_flags("opd", args)),
+                                                            *shlex.split(LORA_FLAGS)])]
     raise ValueError(f"--protocol best has no arm {arm!r} (arms: {', '.join(BEST_ARMS)})")
 
 

@@ -188,7 +188,7 @@ def full_disk(tmp: Path) -> Path:
 def finished_seqkd_run(tmp: Path) -> Path:
     """A real finished seqkd run (one step, one rank), to be rerun with other flags."""
     run = tmp / "done"
-    subprocess.run([sys.executable, str(REPO / STEP["seqkd"]), *train(tmp, "--model.actor_path", tiny_model(),
+    subprocess.run([*command("seqkd"), *train(tmp, "--model.actor_path", tiny_model(),
                     "--trainer.output_dir", run, "--trainer.max_steps", 1, "--deepspeed.zero_stage", 0)],
                    cwd=REPO, check=True, capture_output=True)
     UNCHANGED[tmp] = (run, snapshot(run))
@@ -200,7 +200,7 @@ def killed_full_run(tmp: Path) -> Path:
     import shutil
 
     run = tmp / "killed"
-    subprocess.run([sys.executable, str(REPO / STEP["seqkd"]), *train(tmp, "--model.actor_path", tiny_model(),
+    subprocess.run([*command("seqkd"), *train(tmp, "--model.actor_path", tiny_model(),
                     "--trainer.output_dir", run, "--trainer.max_steps", 2, "--trainer.save_every", 1,
                     "--deepspeed.zero_stage", 0)], cwd=REPO, check=True, capture_output=True)
     shutil.rmtree(run / "final")

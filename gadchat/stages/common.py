@@ -189,17 +189,20 @@ def teacher_log_probs(ctx, student: SequenceBatch) -> torch.Tensor:
         return ctx.engine.log_probs_no_grad(ctx.engine.teacher, student, ctx.cfg.actor.micro_batch_size)
 
 
-def teacher_view(ctx, student: SequenceBatch):
+def teacher_view(ctx, student: SequenceBatch, sampling_log_probs: torch.Tensor | None = None):
     """``(teacher, actor)`` log-probs ``[B, T-1]`` of the rollouts under the teacher role and
     under the distribution they were drawn from (the actor's logits over the rollout
     temperature, whatever ``actor.temperature_scaled_logprobs`` says); ``None`` when the stage
     has no teacher (``model.teacher_path`` empty). Computed once per step for the diagnostics and
-    the oracle reward."""
+    the oracle reward. ``sampling_log_probs``: those actor log-probs when the stage already holds
+    them (its ``pi_old`` at the rollout temperature), not computed again."""
     if ctx.engine.teacher is None:
         return None
-    with ctx.engine.timer("diagnostics"):
-        actor = ctx.engine.log_probs_no_grad(ctx.engine.actor, student, ctx.cfg.actor.micro_batch_size,
-                                             temperature=rollout_temperature(ctx.cfg))
+    actor = sampling_log_probs
+    if actor is None:
+        with ctx.engine.timer("diagnostics"):
+            actor = ctx.engine.log_probs_no_grad(ctx.engine.actor, student, ctx.cfg.actor.micro_batch_size,
+                                                 temperature=rollout_temperature(ctx.cfg))
     return teacher_log_probs(ctx, student), actor
 
 

@@ -81,9 +81,9 @@ class GADLikelihoodRatio(Recipe):
         parts = blackbox.pair_parts(answers, student, cfg.rollout.n, d.micro_batch_prompts, d.micro_batch_tokens)
         ce_parts = answers.micro_batches(max(1, d.micro_batch_prompts), tokens=d.micro_batch_tokens)
         metrics = {}
+        count = blackbox.pair_backward_passes(parts) * (d.bradley_terry_coef > 0) + len(ce_parts) * (d.sft_coef > 0)
         with engine.timer("discriminator_update"):
             for repeat in range(d.updates_per_step):
-                count = blackbox.pair_backward_passes(parts) * (d.bradley_terry_coef > 0) + len(ce_parts) * (d.sft_coef > 0)
                 with engine.update("discriminator", count) as update:
                     if d.bradley_terry_coef > 0:
                         t_all, s_all = blackbox.log_ratio_pair_update(
@@ -111,7 +111,7 @@ class GADLikelihoodRatio(Recipe):
         metrics.update({"reward/mean": reward["mean"], "reward/std": reward["std"],
                         "reward/per_token_mean": per_token["mean"]})
         metrics.update(common.response_length_stats(samples))
-        view = common.teacher_view(ctx, student)
+        view = common.teacher_view(ctx, student, old if temperature == common.rollout_temperature(cfg) else None)
         metrics.update(common.reward_diagnostics(ctx, sequence_rewards, student, samples, view))
         metrics.update(blackbox.token_reward_diagnostics(token_rewards, view, mask))
 
