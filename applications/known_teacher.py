@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shlex
 import statistics
@@ -79,14 +80,25 @@ def prepare(backend: str) -> dict:
     """Teacher, student and teacher data, each built once into the cache."""
     from gadchat import runtime
     from applications.known_teacher_eval import SHIPPED, read_rows, sample_teacher_data
+    from gadchat.known_teacher_models import SHIPPED_MARKER
     from gadchat.models import cache_dir, resolve_model_path
+    from gadchat.resources import SHIPPED_KNOWN_TEACHER, resource
 
     runtime.set_process_defaults()
     started = time.perf_counter()
     paths = {"teacher": resolve_model_path("builtin:kt-teacher"), "student": resolve_model_path("builtin:kt-student")}
     data = cache_dir() / "known-teacher-data"
+    shipped = resource(SHIPPED_KNOWN_TEACHER) / "data"
+    from_shipped_teacher = (Path(paths["teacher"]) / SHIPPED_MARKER).exists()
     for split in ("train", "test"):
         target = data / f"{split}.jsonl"
+        if not target.exists() and from_shipped_teacher and (shipped / f"{split}.jsonl").is_file():
+            # sampled from the shipped teacher with the settings below: the same file, minutes sooner
+            data.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+            tmp.write_bytes((shipped / f"{split}.jsonl").read_bytes())
+            os.replace(tmp, target)
+            log(f"[known-teacher] teacher data {split}: the shipped sample of the shipped teacher -> {target}")
         if not target.exists():
             counts = sample_teacher_data(paths["teacher"], read_rows(SHIPPED / f"{split}.jsonl"), target,
                                          TEACHER_MAX_NEW_TOKENS, seed=0 if split == "train" else 1, backend=backend)
@@ -219,19 +231,24 @@ def evaluate_cached(models: dict, paths: dict, heldout, args, seed: int, out: Pa
 
     settings = {"teacher": paths["teacher"], "prompts": len(heldout.messages), "samples": args.eval_samples,
                 "max_new_tokens": TEACHER_MAX_NEW_TOKENS, "seed": seed, "backend": args.backend}
-    results = {}
+    results, caches, missing = {}, {}, {}
     for name, path in models.items():
         is_run = Path(path).resolve().is_relative_to(out)
-        cache = Path(path) / "known_teacher_eval.json" if is_run else out / f"eval_{name}_seed{seed}.json"
-        if cache.exists():
-            stored = json.loads(cache.read_text())
+        caches[name] = Path(path) / "known_teacher_eval.json" if is_run else out / f"eval_{name}_seed{seed}.json"
+        if caches[name].exists():
+            stored = json.loads(caches[name].read_text())
             if stored.get("settings") == settings and stored.get("model") == str(path):
                 results[name] = stored["metrics"]
                 continue
-        results[name] = evaluate_against_teacher({name: path}, paths["teacher"], heldout, args.eval_samples,
-                                                 TEACHER_MAX_NEW_TOKENS, seed=seed, backend=args.backend)[name]
-        cache.write_text(json.dumps({"settings": settings, "model": str(path), "metrics": results[name]}, indent=1))
-    return results
+        missing[name] = path
+    if missing:  # together: one generation engine for all of them (evaluate_against_teacher)
+        fresh = evaluate_against_teacher(missing, paths["teacher"], heldout, args.eval_samples,
+                                         TEACHER_MAX_NEW_TOKENS, seed=seed, backend=args.backend)
+        for name, path in missing.items():
+            results[name] = fresh[name]
+            caches[name].write_text(json.dumps({"settings": settings, "model": str(path), "metrics": fresh[name]},
+                                               indent=1))
+    return {name: results[name] for name in models}
 
 
 def read_metrics(run: Path) -> list:

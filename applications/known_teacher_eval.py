@@ -124,47 +124,59 @@ def evaluate_against_teacher(models: dict, teacher: str, heldout: HeldOut, sampl
     """
     import torch
 
-    from gadchat import teacher_metrics as tm
     from gadchat.generation import GenerationSettings, Generator
-    from gadchat.rouge import rouge_l_f1
 
     teacher_model = load_scorer(teacher)
     results = {}
     teacher_lengths = [len(t) for t in heldout.teacher_ids]
-    for name, path in models.items():
-        started = time.perf_counter()
-        generator = Generator(path, backend=backend, seed=seed)
-        try:
+    generator = None  # one engine for every model of the same shape (their weights loaded in place)
+    try:
+        for name, path in models.items():
+            started = time.perf_counter()
+            if generator is None or not generator.switch_model(path):
+                if generator is not None:
+                    generator.close()
+                generator = Generator(path, backend=backend, seed=seed)
             torch.manual_seed(seed)
             sampled = generator.generate(heldout.messages, GenerationSettings(
                 max_new_tokens=max_new_tokens, temperature=1.0, n=samples_per_prompt, seed=seed))
             greedy = generator.generate(heldout.messages, GenerationSettings(max_new_tokens=max_new_tokens))
             pad = generator.tokenizer.pad_token_id
-        finally:
+            results[name] = _scores(path, teacher_model, heldout, sampled, greedy, pad, teacher_lengths)
+            if log:
+                log(f"[known-teacher] evaluated {name} in {time.perf_counter() - started:.0f} s: "
+                    + ", ".join(f"{k}={v:.3f}" for k, v in results[name].items()))
+    finally:
+        if generator is not None:
             generator.close()
-        flat = [(i, c) for i, group in enumerate(sampled) for c in group]
-        prompts = [heldout.prompt_ids[i] for i, _ in flat]
-        responses = [list(c.token_ids) or [pad] for _, c in flat]
-        greedy_responses = [list(g[0].token_ids) or [pad] for g in greedy]
-        student = load_scorer(path)
-        s_lp, mask = response_log_probs(student, prompts, responses, pad)
-        t_lp, _ = response_log_probs(teacher_model, prompts, responses, pad)
-        g_lp, g_mask = response_log_probs(teacher_model, heldout.prompt_ids, greedy_responses, pad)
-        f_lp, f_mask = response_log_probs(student, heldout.prompt_ids, heldout.teacher_ids, pad)
-        del student
-        results[name] = {
-            "teacher_nll": tm.teacher_nll_per_token(t_lp, mask),
-            "reverse_kl": tm.reverse_kl_per_token(s_lp, t_lp, mask),
-            "greedy_teacher_nll": tm.teacher_nll_per_token(g_lp, g_mask),
-            "forward_nll": tm.forward_nll_per_token(f_lp, f_mask),
-            "length_ratio": tm.length_ratio([len(r) for r in responses], teacher_lengths),
-            "length": sum(len(r) for r in responses) / len(responses),
-            "eos_share": tm.eos_share([c.finish_reason == "stop" for _, c in flat]),
-            "distinct_2": tm.distinct_n(responses, 2),
-            "rouge_l": 100 * sum(rouge_l_f1(g[0].text, ref) for g, ref in zip(greedy, heldout.teacher_text)) / len(greedy),
-            "samples": len(flat),
-        }
-        if log:
-            log(f"[known-teacher] evaluated {name} in {time.perf_counter() - started:.0f} s: "
-                + ", ".join(f"{k}={v:.3f}" for k, v in results[name].items()))
     return results
+
+
+def _scores(path: str, teacher_model, heldout: HeldOut, sampled: list, greedy: list, pad: int,
+            teacher_lengths: list) -> dict:
+    """The metrics of one model's samples and greedy answers (see :func:`evaluate_against_teacher`)."""
+    from gadchat import teacher_metrics as tm
+    from gadchat.rouge import rouge_l_f1
+
+    flat = [(i, c) for i, group in enumerate(sampled) for c in group]
+    prompts = [heldout.prompt_ids[i] for i, _ in flat]
+    responses = [list(c.token_ids) or [pad] for _, c in flat]
+    greedy_responses = [list(g[0].token_ids) or [pad] for g in greedy]
+    student = load_scorer(path)
+    s_lp, mask = response_log_probs(student, prompts, responses, pad)
+    t_lp, _ = response_log_probs(teacher_model, prompts, responses, pad)
+    g_lp, g_mask = response_log_probs(teacher_model, heldout.prompt_ids, greedy_responses, pad)
+    f_lp, f_mask = response_log_probs(student, heldout.prompt_ids, heldout.teacher_ids, pad)
+    del student
+    return {
+        "teacher_nll": tm.teacher_nll_per_token(t_lp, mask),
+        "reverse_kl": tm.reverse_kl_per_token(s_lp, t_lp, mask),
+        "greedy_teacher_nll": tm.teacher_nll_per_token(g_lp, g_mask),
+        "forward_nll": tm.forward_nll_per_token(f_lp, f_mask),
+        "length_ratio": tm.length_ratio([len(r) for r in responses], teacher_lengths),
+        "length": sum(len(r) for r in responses) / len(responses),
+        "eos_share": tm.eos_share([c.finish_reason == "stop" for _, c in flat]),
+        "distinct_2": tm.distinct_n(responses, 2),
+        "rouge_l": 100 * sum(rouge_l_f1(g[0].text, ref) for g, ref in zip(greedy, heldout.teacher_text)) / len(greedy),
+        "samples": len(flat),
+    }

@@ -52,11 +52,13 @@ def add_adapter(model: torch.nn.Module, section, flag: str, seed: int, seqcls: b
         torch.manual_seed(seed)
         try:
             inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME)
-        except ValueError as exc:
-            modules = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
-                              if isinstance(m, torch.nn.Linear)})
-            raise ValueError(f"--{flag}.lora_target_modules {section.lora_target_modules!r}: the model has no such "
-                             f"module ({exc}); its linear modules: {', '.join(modules)}") from None
+        except ValueError:
+            names = [name for name, _ in model.named_modules()]
+            linear = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+            wanted = config.target_modules if isinstance(config.target_modules, (list, set)) else [config.target_modules]
+            missing = sorted(t for t in wanted if not any(n == t or n.endswith("." + t) for n in names))
+            raise ValueError(f"--{flag}.lora_target_modules {section.lora_target_modules!r}: the model has no module "
+                             f"named {', '.join(missing) or 'like these'}; its linear modules: {', '.join(linear)}") from None
     if seqcls:
         model.score.weight.requires_grad_(True)
     return model

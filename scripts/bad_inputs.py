@@ -338,7 +338,7 @@ CASES = [
          "--actor.lr 0.001 -> 0.5", code=0, marker="were not applied"),
     Case("lora_targets", "gad", "a LoRA rank on a model without the target modules",
          lambda t, u: train(t, "--actor.lora_rank", 4, "--actor.lora_target_modules", "c_attn,c_proj"),
-         "--actor.lora_target_modules 'c_attn,c_proj': the model has no such module"),
+         "--actor.lora_target_modules 'c_attn,c_proj': the model has no module named c_attn, c_proj"),
     Case("lora_resume_full", "seqkd", "a LoRA run resumed from a full-fine-tuning checkpoint",
          lambda t, u: train(t, "--model.actor_path", tiny_model(), "--trainer.output_dir", killed_full_run(t),
                             "--trainer.max_steps", 2, "--trainer.save_every", 1, "--deepspeed.zero_stage", 0,

@@ -180,3 +180,56 @@ def test_zero3_actor_generates_the_same_tokens_with_its_weights_gathered_once(ti
     assert seen["partitioned_before"] and seen["partitioned_after_True"] and seen["partitioned_after_False"]
     assert seen["hooks_restored"]
     assert seen["partitioned_after_update"] and seen["update_loss"] > 0
+
+
+SWITCH_SCRIPT = r"""
+import json, sys
+import torch
+from gadchat.generation import GenerationSettings, Generator
+a, b = sys.argv[1], sys.argv[2]
+conversations = json.loads(sys.argv[3])
+def run(generator):
+    greedy = generator.generate(conversations, GenerationSettings(max_new_tokens=12))
+    sampled = generator.generate(conversations, GenerationSettings(max_new_tokens=12, temperature=1.0, n=2, seed=3))
+    return [[list(c.token_ids) for c in group] for group in greedy + sampled]
+first = Generator(a, backend="vllm", seed=0)
+out = {"a": run(first), "switched": first.switch_model(b)}
+out["b_switched"] = run(first)
+first.close()
+fresh = Generator(b, backend="vllm", seed=0)
+out["b_fresh"] = run(fresh)
+fresh.close()
+print("@@" + json.dumps(out))
+"""
+
+
+@pytest.mark.vllm
+@pytest.mark.skipif(not HAS_VLLM, reason="vLLM is not installed")
+def test_a_generator_switched_to_other_weights_generates_what_a_fresh_engine_does(tiny_model, tmp_path):
+    """One vLLM engine for several models of a shape (the known-teacher evaluation): the weights of
+    the second folder loaded in place give the fresh engine's greedy and seeded samples exactly."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from gadchat.generation.generator import same_model_shape
+
+    other = tmp_path / "other"
+    shutil.copytree(tiny_model, other)
+    weights = load_file(str(other / "model.safetensors"))
+    generator = torch.Generator().manual_seed(0)
+    save_file({k: v + 0.05 * torch.randn(v.shape, generator=generator) for k, v in weights.items()},
+              str(other / "model.safetensors"), metadata={"format": "pt"})
+    assert same_model_shape(str(tiny_model), str(other))
+    reshaped = tmp_path / "reshaped"
+    shutil.copytree(tiny_model, reshaped)
+    config = json.loads((reshaped / "config.json").read_text())
+    (reshaped / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 1}))
+    assert not same_model_shape(str(tiny_model), str(reshaped))
+    result = subprocess.run([sys.executable, "-c", SWITCH_SCRIPT, str(tiny_model), str(other), json.dumps(CONVERSATIONS)],
+                            cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    out = json.loads([line for line in result.stdout.splitlines() if line.startswith("@@")][-1][2:])
+    assert out["switched"]
+    assert out["b_switched"] == out["b_fresh"]
+    assert out["a"] != out["b_fresh"]  # the weights matter: a switch that loaded nothing would fail above

@@ -255,3 +255,16 @@ def test_gad_stage_logs_diagnostics_and_takes_the_oracle_reward(tiny_model, tmp_
     first = rows[0]
     assert abs(first["diag/reverse_kl"]) < 1e-4 and first["diag/teacher_nll"] > 1
     assert abs(first["reward/mean"]) < 1e-3 and first["reward/std"] < 1e-3  # log p_T - log p_S = 0
+
+
+def test_the_shipped_known_teacher_builds_match_this_code_and_are_copied_not_built(tmp_path, monkeypatch):
+    """The benchmark's models ship in the package with the spec they were built with; a cache gets
+    the shipped copy (marked SHIPPED) unless GADCHAT_BUILD_KNOWN_TEACHER=1 asks for a build."""
+    from gadchat.known_teacher_models import BUILD_SPECS, SHIPPED_MARKER, ensure_lm, shipped_build
+
+    for name in BUILD_SPECS:
+        assert shipped_build(name) is not None, f"{name}: the shipped build_spec.json is not this code's spec; rebuild and ship"
+    folder = ensure_lm("kt-student", tmp_path / "student", log=None)
+    assert (folder / SHIPPED_MARKER).exists() and (folder / "model.safetensors").stat().st_size > 1_000_000
+    monkeypatch.setenv("GADCHAT_BUILD_KNOWN_TEACHER", "1")
+    assert shipped_build("kt-student") is None

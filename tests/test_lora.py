@@ -72,7 +72,7 @@ def test_a_discriminator_adapter_trains_its_score_head_in_full(tiny_model):
 
 
 def test_a_target_the_model_lacks_is_refused_naming_the_flag(tiny_model):
-    with pytest.raises(ValueError, match=r"--actor.lora_target_modules 'c_attn': the model has no such module.*q_proj"):
+    with pytest.raises(ValueError, match=r"--actor.lora_target_modules 'c_attn': the model has no module named c_attn; its linear .*q_proj"):
         lora.add_adapter(tiny_lm(tiny_model), lora_section(targets="c_attn"), "actor", seed=1)
 
 

@@ -20,9 +20,31 @@ from __future__ import annotations
 import gc
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 
 from gadchat.generation.backends import backend_class
 from gadchat.models import resolve_model_path
+
+
+def same_model_shape(a: str, b: str) -> bool:
+    """Two model folders hold the same architecture, tokenizer and generation settings (their
+    weights may differ): ``config.json`` equal but for its path and dtype fields, the tokenizer
+    files and ``generation_config.json`` byte for byte."""
+    import json
+
+    def config(folder):
+        data = json.loads((Path(folder) / "config.json").read_text())
+        return {k: v for k, v in data.items() if k not in ("_name_or_path", "torch_dtype", "dtype", "transformers_version")}
+
+    def same_file(name):
+        x, y = Path(a) / name, Path(b) / name
+        return x.exists() == y.exists() and (not x.exists() or x.read_bytes() == y.read_bytes())
+
+    try:
+        return config(a) == config(b) and all(map(same_file, ("tokenizer.json", "tokenizer_config.json",
+                                                              "generation_config.json")))
+    except (OSError, ValueError):
+        return False
 
 
 @dataclass
@@ -81,6 +103,25 @@ class Generator:
 
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+    def switch_model(self, model: str) -> bool:
+        """Generate from another model folder of the same shape with this engine: its weights are
+        loaded into the backend in place (vLLM's in-place reload, as after an actor update), so no
+        new engine is started. False, with nothing changed, when the backend keeps no weights of its
+        own (transformers) or the folder's config, tokenizer or EOS set differ; build a new
+        :class:`Generator` then. Every generate call reseeds, so what follows equals a fresh engine's."""
+        from safetensors.torch import load_file
+
+        path = resolve_model_path(model)
+        files = sorted(Path(path).glob("*.safetensors"))
+        if not (self.backend.follows_actor and files and same_model_shape(self.model_path, path)):
+            return False
+        weights = {}
+        for file in files:
+            weights.update(load_file(str(file)))
+        self.backend.load_weights(iter(weights.items()))
+        self.model_path = path
+        return True
 
     # -- prompts ---------------------------------------------------------------------------------
     def prompt_ids(self, messages: list) -> list:

@@ -11,6 +11,10 @@ works from an installed copy as well as from the repository.
 - ``alpaca_eval_gpt4o/``: the shipped teacher data (``train.jsonl``, ``test.jsonl``; provenance in
   ``data/alpaca_eval_gpt4o/README.md``, whose JSON-lines files link here), read by the
   known-teacher model builds (:mod:`gadchat.known_teacher_models`).
+- ``known_teacher/``: the known-teacher benchmark's built models (``kt-teacher``, ``kt-student``, each
+  with the ``build_spec.json`` it was built with) and the teacher data sampled from that teacher
+  (``data/train.jsonl``, ``data/test.jsonl``): copied into the cache instead of building them
+  (:func:`gadchat.known_teacher_models.shipped_build`).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from importlib import resources
 JUDGE_PROMPT = "judge_prompt.txt"
 TOKENIZER_CORPUS = "tokenizer_corpus.jsonl"
 SHIPPED_TEACHER_DATA = "alpaca_eval_gpt4o"
+SHIPPED_KNOWN_TEACHER = "known_teacher"
 
 
 def resource(name: str):
