@@ -44,7 +44,7 @@ from gadchat.checkpoint_files import (COMPLETE, LATEST, STATE_FILE, checkpoint_r
                                       require_free_space, write_atomic)
 from gadchat.hf_export import export_live
 from gadchat.lora import adapter_state_dict, lora_config, lora_record, same_digest, save_adapter_folder
-from gadchat.roles import SCORER
+from gadchat.roles import CAUSAL_LM, SCORER
 from gadchat.safe_load import (CheckpointError, _safe_checkpoint_engine, safe_torch_load,  # noqa: F401  (re-exported)
                                verify_loadable_without_code, weight_file_problem)
 
@@ -53,6 +53,8 @@ logger = logging.getLogger("gadchat")
 RUN_MARKERS = ("metrics.jsonl", "checkpoints", "final", "final.partial", "tensorboard", "config.json")
 """What a stage writes into its output_dir (``--trainer.overwrite true`` removes them)."""
 CHECKPOINT_BYTES_PER_PARAM = 16
+LIKELIHOOD_RATIO_FILE = "likelihood_ratio.json"
+"""Beside an exported language-model discriminator (gad_lr): how it scores (baseline, temperature)."""
 """fp32 weights + two Adam moments (12) plus the low-precision copy and slack: a checkpoint's size."""
 
 
@@ -472,6 +474,8 @@ class CheckpointManager:
                 export_live(module, partial / name, engine.tokenizer, zero3=engine.zero3)
                 if engine.lora_section(name):
                     self._export_adapter(name, module, partial / f"{name}_adapter")
+                if name == "discriminator" and engine.roles[name].kind == CAUSAL_LM and self.rank == 0:
+                    write_atomic(partial / name / LIKELIHOOD_RATIO_FILE, json.dumps(self._likelihood_ratio_record(), indent=1))
                 if name == "actor" and engine.actor_ema is not None:
                     with engine.actor_ema.swapped_in():
                         export_live(module, partial / "actor_ema", engine.tokenizer, zero3=engine.zero3)
@@ -488,6 +492,17 @@ class CheckpointManager:
             runtime.raise_together(error, CheckpointError)
         return out
 
+
+    def _likelihood_ratio_record(self) -> dict:
+        """How the exported language-model discriminator ``q`` scores (gad_lr): its baseline and
+        the temperature of both log-probs, so a user can score answers as the stage did."""
+        d, t = self.cfg.discriminator, self.cfg.rollout.temperature
+        scaled = self.cfg.actor.temperature_scaled_logprobs and t > 0
+        return {"score": "sum_t log q(y_t | x, y_<t) - sum_t log b(y_t | x, y_<t) over the answer's tokens",
+                "baseline": d.baseline,
+                "baseline_model": "final/actor (the policy at the end; during training the policy that drew each "
+                                  "batch)" if d.baseline == "pi_old" else str(self.engine.model_paths.get("actor")),
+                "logits_temperature": t if scaled else 1.0}
 
     def _export_adapter(self, name: str, module, out: Path) -> None:
         """A LoRA role's adapter (and a discriminator's head) as PEFT's folder, beside its merged export."""

@@ -185,6 +185,8 @@ def test_gad_lr_trains_q_and_actor_resumes_exactly_and_exports_q_as_a_language_m
     # q is exported as a causal LM, loadable as one, and it moved away from SeqKD's weights
     config = json.loads((run / "final" / "discriminator" / "config.json").read_text())
     assert config["architectures"] == ["Qwen2ForCausalLM"]
+    scoring = json.loads((run / "final" / "discriminator" / "likelihood_ratio.json").read_text())
+    assert scoring["baseline"] == "pi_old" and scoring["logits_temperature"] == 0.8
     q = load_weights(run / "final" / "discriminator")
     assert set(q) == set(start) and any(not torch.equal(q[k], start[k]) for k in q)
 
