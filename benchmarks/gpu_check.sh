@@ -9,6 +9,9 @@
 # timeout RUN_TIMEOUT, exit code recorded; a failed run does not stop the others):
 #   warmup         one warm-up step (discriminator + gated SFT), exported for the GAD runs
 #   gad            GAD steps: training mode + gradient checkpointing + chunked log-probs, SDPA
+#   gad_lora       the same with LoRA r=16 on the actor and the discriminator, the reference the actor
+#                  with its adapter off, an actor EMA (issue 19: memory and time against gad)
+#   gad_lr, spin   the black-box per-token stages (issue 17) from the same warm-up
 #   gad_pergather  HF generate with the ZeRO-3 weights gathered per layer at every token (the engine
 #                  before rollout.hf_gather_weights; 40 s of a 50 s step on an H200, RESULTS.md 12)
 #   gad_nockpt     the same with gradient checkpointing off       (memory share of item 1)
@@ -16,7 +19,8 @@
 #   gad_eager      the same with eager attention instead of SDPA  (fused attention kernels off)
 #   gad_tokens     token-budget micro-batches (item 3) instead of fixed rows
 #   gad_flash      attn flash_attention_2        (only where the flash-attn package is installed)
-#   gad_vllm, gad_vllm_sleep   vLLM on CUDA with the weight-push check (only where vLLM is installed)
+#   gad_vllm, gad_vllm_sleep, gad_vllm_lora   vLLM on CUDA with the weight-push check (LoRA: the
+#                  merged push; only where vLLM is installed)
 # Every run logs the time and the peak GPU memory of each phase (mem/<phase>_peak_gib); the summary
 # is section 12 of benchmarks/RESULTS.md. Runs whose package is missing are listed as skipped.
 # CPU dry run of the script itself (tiny model, no GPU): GPU_CHECK_CPU=1 bash benchmarks/gpu_check.sh
@@ -68,6 +72,10 @@ skip() { echo "=== $1 skipped: $2"; RUNS+=("$1=skipped: $2"); }
 if run warmup warmup --trainer.max_steps 1 --trainer.discriminator_warmup 0 --trainer.export_hf true; then
   INIT=(--trainer.init_from "$WORK/warmup" --trainer.max_steps "$GAD_STEPS")
   run gad gad "${INIT[@]}"
+  LORA=(--actor.lora_rank 16 --discriminator.lora_rank 16 --actor.lr 1e-5 --discriminator.lr 1e-5 --actor.ema_decay 0.992)
+  run gad_lora gad "${LORA[@]}" "${INIT[@]}"
+  run gad_lr gad_lr "${INIT[@]}"
+  run spin spin "${INIT[@]}"
   run gad_pergather gad --rollout.hf_gather_weights false "${INIT[@]}"
   run gad_nockpt gad --model.gradient_checkpointing false "${INIT[@]}"
   run gad_plainlp gad --actor.logprob_chunk_tokens 0 "${INIT[@]}"
@@ -79,7 +87,8 @@ if run warmup warmup --trainer.max_steps 1 --trainer.discriminator_warmup 0 --tr
     VLLM=(--rollout.backend vllm --trainer.verify_rollout_sync true)
     run gad_vllm gad "${VLLM[@]}" "${INIT[@]}"
     run gad_vllm_sleep gad "${VLLM[@]}" --rollout.vllm_sleep true "${INIT[@]}"
-  else skip gad_vllm "vllm not installed"; skip gad_vllm_sleep "vllm not installed"; fi
+    run gad_vllm_lora gad "${VLLM[@]}" "${LORA[@]}" "${INIT[@]}"
+  else for name in gad_vllm gad_vllm_sleep gad_vllm_lora; do skip "$name" "vllm not installed"; done; fi
 fi
 
 $PY benchmarks/gpu_check.py report "$WORK" "${RUNS[@]}"

@@ -136,6 +136,17 @@ def _prefixes(name: str):
         yield ".".join(parts[:end])
 
 
+def delta_weight(layer) -> torch.Tensor:
+    """``(alpha / r) B A`` of a LoRA layer in float32 (PEFT's ``get_delta_weight`` keeps a GPU's bf16),
+    transposed for a ``fan_in_fan_out`` layer; other LoRA variants (DoRA, ...) through PEFT."""
+    if getattr(layer, "use_dora", {}).get(ADAPTER_NAME, False) or not hasattr(layer, "fan_in_fan_out"):
+        return layer.get_delta_weight(ADAPTER_NAME).float()
+    a = layer.lora_A[ADAPTER_NAME].weight.float()
+    b = layer.lora_B[ADAPTER_NAME].weight.float()
+    delta = (b @ a) * layer.scaling[ADAPTER_NAME]
+    return delta.T if layer.fan_in_fan_out else delta
+
+
 def merged_unit(layer, named: list, merge: bool = True) -> list:
     """``[(hf_name, tensor)]`` of one unit whose parameters are whole (gathered): a LoRA layer's
     base weight with ``(alpha / r) B A`` added in float32 and cast back (``merge=False``: the base
@@ -147,8 +158,7 @@ def merged_unit(layer, named: list, merge: bool = True) -> list:
             continue
         value = param.data.detach()
         if merge and layer is not None and name.endswith(BASE_LAYER + ".weight") and ADAPTER_NAME in layer.lora_A:
-            delta = layer.get_delta_weight(ADAPTER_NAME)
-            value = (value.float() + delta.float()).to(value.dtype)
+            value = (value.float() + delta_weight(layer)).to(value.dtype)
         else:
             value = value.clone()
         out.append((plain_name(name), value))
