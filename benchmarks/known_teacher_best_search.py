@@ -69,6 +69,33 @@ def pearson_and_work(run: Path) -> tuple:
     return (sum(values) / len(values) if values else None), len([r for r in rows if r.get("step", 0) > 0])
 
 
+def three_seed_notes(out: Path) -> list:
+    """A line per variant run on seeds 42-44 too (``--seeds 43 44 --arms ARM --variant NAME``): its
+    mean and sample spread over the three seeds beside SeqKD's best checkpoint's."""
+    import statistics
+
+    def evaluation(seed, folder):
+        path = out / f"seed{seed}" / folder / ("known_teacher_eval.json" if folder == "seqkd_best" else "run/known_teacher_eval.json")
+        return json.loads(path.read_text())["metrics"] if path.exists() else None
+
+    notes = []
+    for folder, _, variant, _, about in VARIANTS:
+        if not variant or folder == "seqkd_best":
+            continue
+        runs = [evaluation(seed, folder) for seed in (42, 43, 44)]
+        base = [evaluation(seed, "seqkd_best") for seed in (42, 43, 44)]
+        if any(r is None for r in runs + base):
+            continue
+        cells = []
+        for key in ("reverse_kl", "teacher_nll", "forward_nll"):
+            mine, theirs = [r[key] for r in runs], [b[key] for b in base]
+            cells.append(f"{key} {statistics.mean(mine):.3f} +- {statistics.stdev(mine):.3f} (SeqKD's best "
+                         f"{statistics.mean(theirs):.3f} +- {statistics.stdev(theirs):.3f}; per seed "
+                         f"{', '.join(f'{m:.3f}' for m in mine)})")
+        notes.append(f"{about}, seeds 42-44: " + "; ".join(cells))
+    return notes
+
+
 def main(argv=None) -> int:
     from benchmarks import common
 
@@ -95,6 +122,7 @@ def main(argv=None) -> int:
         print(rows[-1], flush=True)
     if missing:
         print("not evaluated (run with --run):", ", ".join(missing))
+    seed_notes = three_seed_notes(out)
     result = {"title": "Known-teacher quality: the black-box search from SeqKD's best checkpoint (seed 42)",
               "description": "Every variant tried, each continuing 60 actor steps from SeqKD's best checkpoint "
                              "(seed 42; 103 held-out prompts; `benchmarks/known_teacher_best_search.py`). Lower is "
@@ -104,7 +132,7 @@ def main(argv=None) -> int:
                                     "length / teacher's", "per-token Pearson (training)", "the arm's flags"],
                         "rows": rows},
               "notes": ["The 3-seed run of the default arms is the section 'the main comparison from SeqKD's best "
-                        "checkpoint'.", *([f"not evaluated: {', '.join(missing)}"] if missing else [])]}
+                        "checkpoint'.", *seed_notes, *([f"not evaluated: {', '.join(missing)}"] if missing else [])]}
     if args.save:
         common.save_result("q_known_teacher_best_search", result,
                            common.command_line("benchmarks/known_teacher_best_search.py", argv))
