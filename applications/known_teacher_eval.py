@@ -81,13 +81,22 @@ def response_log_probs(model, prompts: list, responses: list, pad_token_id: int,
     width = max(len(r) for r in responses)
     out = torch.zeros(len(responses), width)
     mask = torch.zeros(len(responses), width)
-    with torch.no_grad():
-        for start in range(0, len(responses), batch_size):
-            p, r = prompts[start : start + batch_size], responses[start : start + batch_size]
-            log_probs, _ = sequence_log_probs(model, model, SequenceBatch.build(p, r, pad_token_id), chunk_tokens=0)
-            for row, (prompt, response) in enumerate(zip(p, r)):
-                out[start + row, : len(response)] = log_probs[row, len(prompt) - 1 : len(prompt) - 1 + len(response)]
-                mask[start + row, : len(response)] = 1.0
+    # batches of similar lengths (less padding), every core (scoring runs after the stages, alone)
+    order = sorted(range(len(responses)), key=lambda i: len(prompts[i]) + len(responses[i]))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)
+    try:
+        with torch.no_grad():
+            for start in range(0, len(order), batch_size):
+                rows = order[start : start + batch_size]
+                p, r = [prompts[i] for i in rows], [responses[i] for i in rows]
+                log_probs, _ = sequence_log_probs(model, model, SequenceBatch.build(p, r, pad_token_id), chunk_tokens=0)
+                for row, index in enumerate(rows):
+                    prompt, response = prompts[index], responses[index]
+                    out[index, : len(response)] = log_probs[row, len(prompt) - 1 : len(prompt) - 1 + len(response)]
+                    mask[index, : len(response)] = 1.0
+    finally:
+        torch.set_num_threads(threads)
     return out, mask
 
 
