@@ -25,20 +25,20 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 GAD_LR = "--actor.lr 1e-3 --actor.grad_clip 1.0 --discriminator.grad_clip 1.0"
+CE_Q = f"{GAD_LR} --discriminator.bradley_terry_coef 0 --discriminator.sft_coef 1 --discriminator.lr 1e-4"  # q by cross-entropy
 # (run folder, arm, variant name, that arm's flags, what it tests); "" variant = the main comparison's run
 VARIANTS = [
     ("seqkd_best", "seqkd_best", "", "", "SeqKD's best checkpoint (the start of every row)"),
     ("seqkd_more", "seqkd_more", "", "", "60 more SFT steps"),
     ("gad", "gad", "", "--actor.lr 2e-5", "published GAD, fresh discriminator, 10 steps alone first"),
     ("gad_lr", "gad_lr", "", f"{GAD_LR} --discriminator.lr 1e-3", "gad_lr: Bradley-Terry q, baseline pi_old, q lr 1e-3"),
-    ("gad_lr_sftq", "gad_lr", "sftq", f"{GAD_LR} --discriminator.bradley_terry_coef 0 --discriminator.sft_coef 1 "
-     "--discriminator.lr 1e-4", "gad_lr: q by cross-entropy only (no contrast), q lr 1e-4"),
+    ("gad_lr_sftq", "gad_lr", "sftq", CE_Q, "gad_lr: q by cross-entropy only (no contrast), q lr 1e-4"),
     ("gad_lr_kl", "gad_lr", "kl", f"{GAD_LR} --discriminator.lr 1e-3 --actor.kl_coef 0.1",
      "gad_lr: Bradley-Terry q + k3 KL 0.1 to SeqKD's best"),
     ("gad_lr_slowbt4", "gad_lr", "slowbt4", f"{GAD_LR} --discriminator.lr 1e-4 --discriminator.updates_per_step 4",
      "gad_lr: slow Bradley-Terry q (lr 1e-4), 4 q steps per actor step"),
-    ("gad_lr_sftq4", "gad_lr", "sftq4", f"{GAD_LR} --discriminator.bradley_terry_coef 0 --discriminator.sft_coef 1 "
-     "--discriminator.lr 1e-4 --discriminator.updates_per_step 4", "gad_lr: q by cross-entropy only, 4 q steps per actor step"),
+    ("gad_lr_sftq4", "gad_lr", "sftq4", f"{CE_Q} --discriminator.updates_per_step 4",
+     "gad_lr: q by cross-entropy only, 4 q steps per actor step"),
     ("gad_lr_mix", "gad_lr", "mix", f"{GAD_LR} --discriminator.bradley_terry_coef 0.1 --discriminator.sft_coef 1 "
      "--discriminator.lr 1e-4", "gad_lr: q by cross-entropy + 0.1 x Bradley-Terry, q lr 1e-4"),
     ("gad_lr_seq", "gad_lr", "seq", f"{GAD_LR} --discriminator.lr 1e-3 --actor.reward_form sequence",
