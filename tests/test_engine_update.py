@@ -71,6 +71,7 @@ def test_an_actor_update_marks_the_rollout_weights_stale_only_when_it_completes(
     hybrid.models = {"actor": _FakeDeepSpeedEngine(), "discriminator": _FakeDeepSpeedEngine()}
     hybrid.rollout_class = type("FollowsActor", (), {"follows_actor": True})
     hybrid._rollout_needs_sync = False
+    hybrid.actor_ema = None
 
     with hybrid.update("discriminator", 1) as update:
         update.backward(torch.tensor(1.0))

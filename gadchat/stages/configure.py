@@ -26,19 +26,15 @@ def stage_problems(cfg: GADConfig) -> list:
 
 
 def lora_stage_problems(cfg: GADConfig, trained: set) -> list:
-    """Pure: LoRA settings this stage cannot honour. Every stage starts a fresh adapter on the model
-    it starts from, so a previous stage's optimizer state cannot carry over, and SPIN's refreshed
-    reference (a copy of the merged actor) is not an adapter switched off."""
+    """Pure: LoRA settings no stage can honour. Every stage starts a fresh adapter on the model it
+    starts from, so a previous stage's optimizer state cannot carry over (a stage's own LoRA rules
+    are in its recipe's ``config_problems``)."""
     lora = [name for name in sorted(trained) if getattr(cfg, name).lora_rank > 0]
     problems = []
     if lora and cfg.trainer.init_optimizer_states:
         problems.append(f"--trainer.init_optimizer_states must be false with --{lora[0]}.lora_rank "
                         f"{getattr(cfg, lora[0]).lora_rank}: a stage starts a fresh adapter on the previous stage's "
                         "merged export, whose optimizer state belongs to other parameters")
-    if "actor" in lora and cfg.actor.reference_refresh_every > 0:
-        problems.append(f"--actor.reference_refresh_every must be 0 with --actor.lora_rank {cfg.actor.lora_rank}: "
-                        "the LoRA actor's reference is the actor with its adapter off (the start model), which "
-                        f"cannot be refreshed, got {cfg.actor.reference_refresh_every}")
     return problems
 
 

@@ -42,10 +42,16 @@ class SPIN(Recipe):
 
     def config_problems(self, cfg) -> list:
         every, save = cfg.actor.reference_refresh_every, cfg.trainer.save_every
-        if isinstance(every, int) and every > 0 and isinstance(save, int) and save % every:
-            return [f"--trainer.save_every must be a multiple of --actor.reference_refresh_every ({every}) in the spin "
-                    f"stage, so that a resumed run restores the same reference, got {save!r}"]
-        return []
+        refreshed = isinstance(every, int) and every > 0
+        problems = []
+        if refreshed and isinstance(save, int) and save % every:
+            problems.append(f"--trainer.save_every must be a multiple of --actor.reference_refresh_every ({every}) in "
+                            f"the spin stage, so that a resumed run restores the same reference, got {save!r}")
+        if refreshed and cfg.actor.lora_rank > 0:
+            problems.append(f"--actor.reference_refresh_every must be 0 with --actor.lora_rank {cfg.actor.lora_rank}: "
+                            "the LoRA actor's reference is the actor with its adapter off (the start model), which "
+                            f"cannot be refreshed, got {every}")
+        return problems
 
     def step(self, ctx: StageContext, step: int, batch: list) -> StepResult:
         cfg, engine, a = ctx.cfg, ctx.engine, ctx.cfg.actor
