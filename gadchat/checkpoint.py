@@ -53,9 +53,9 @@ logger = logging.getLogger("gadchat")
 RUN_MARKERS = ("metrics.jsonl", "checkpoints", "final", "final.partial", "tensorboard", "config.json")
 """What a stage writes into its output_dir (``--trainer.overwrite true`` removes them)."""
 CHECKPOINT_BYTES_PER_PARAM = 16
+"""fp32 weights + two Adam moments (12) plus the low-precision copy and slack: a checkpoint's size."""
 LIKELIHOOD_RATIO_FILE = "likelihood_ratio.json"
 """Beside an exported language-model discriminator (gad_lr): how it scores (baseline, temperature)."""
-"""fp32 weights + two Adam moments (12) plus the low-precision copy and slack: a checkpoint's size."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -221,7 +221,7 @@ class CheckpointManager:
         out = {}
         for name in self._engines():
             section = self.engine.lora_section(name)
-            out[name] = lora_record(section) if section else {"rank": 0}
+            out[name] = lora_record(section)
             if section:
                 out[name].update(base_digest=self._base_digest(name), base=self.engine.model_paths[name],
                                  dtype=str(self.engine.dtype).replace("torch.", ""))
@@ -357,7 +357,7 @@ class CheckpointManager:
         saved_all = state.get("lora", {})
         for name in self._engines():
             section = self.engine.lora_section(name)
-            mine = lora_record(section) if section else {"rank": 0}
+            mine = lora_record(section)
             saved = {k: v for k, v in saved_all.get(name, {"rank": 0}).items() if k in ("rank", "alpha", "targets")}
             if saved != mine:
                 flag = self.engine.roles[name].optimizer_section
@@ -491,7 +491,6 @@ class CheckpointManager:
                 error = disk_error(partial, "the final export", exc)
             runtime.raise_together(error, CheckpointError)
         return out
-
 
     def _likelihood_ratio_record(self) -> dict:
         """How the exported language-model discriminator ``q`` scores (gad_lr): its baseline and

@@ -275,8 +275,9 @@ def merged_from_checkpoint(trained: dict, record: dict, which: str, meta_config,
 
 
 def lora_record(section) -> dict:
-    """What a checkpoint records of a role's LoRA (compared at resume)."""
-    if section.lora_rank <= 0:
+    """What a checkpoint records of a role's LoRA (compared at resume); ``section`` None or of rank 0:
+    full fine-tuning."""
+    if section is None or section.lora_rank <= 0:
         return {"rank": 0}
     return {"rank": section.lora_rank, "alpha": section.lora_scaling_alpha,
             "targets": section.lora_target_modules}
