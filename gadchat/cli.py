@@ -54,27 +54,41 @@ def run_stage(stage: str, argv=None) -> dict:
 
 
 def main_for(stage: str, argv=None) -> None:
-    """Run ``stage`` with the flags ``argv`` (default: the command line); configuration, data and
-    checkpoint errors exit 2 with one line, a diverged run exits 3."""
+    """Run ``stage`` with the flags ``argv`` (default: the command line) and end the process:
+    configuration, data and checkpoint errors exit 2 with one line, a diverged run exits 3, a
+    stop signal exits 128+N after its checkpoint. Every exit goes through
+    :func:`runtime.exit_process` (no interpreter teardown, where a finished gloo rank can abort)."""
+    import traceback
+
+    from gadchat import runtime
     from gadchat.checkpoint import CheckpointError
     from gadchat.nonfinite import NonFiniteError
     from gadchat.run_lock import FolderBusyError
     from gadchat.stop_signal import StopRequested
 
+    code = 0
     try:
         run_stage(stage, argv)
     except StopRequested as exc:
         # SIGTERM/SIGINT: every rank stopped at the same step boundary (checkpoint saved there).
         say(f"stopped: {exc}")
-        sys.exit(exc.exit_code)
+        code = exc.exit_code
     except NonFiniteError as exc:
         # Training diverged: the step, the model and the quantity; nothing was saved over the last checkpoint.
         say(f"error: {exc}")
-        sys.exit(3)
+        code = 3
     except (ValueError, FileNotFoundError, CheckpointError, FolderBusyError) as exc:
         # Configuration, data and checkpoint problems: one clear line naming the culprit.
         say(f"error: {exc}")
-        sys.exit(2)
+        code = 2
+    except SystemExit as exc:  # argparse: --help (0) or a bad flag (2, its message already printed)
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        if not isinstance(exc.code, (int, type(None))):
+            say(str(exc.code))
+    except BaseException:  # a bug: the traceback, as an uncaught exception would print it
+        traceback.print_exc()
+        code = 1
+    runtime.exit_process(code)
 
 
 def say(line: str) -> None:

@@ -169,6 +169,27 @@ def finish() -> None:
     close_process_group()
 
 
+def exit_process(code: int) -> None:
+    """End this rank now with ``code``, without the interpreter's teardown: logging and stdio are
+    flushed, the process group is closed (local), then ``os._exit``. A rank whose files are
+    written and closed loses nothing by skipping finalisation, and finalisation is where a
+    finished gloo rank can still die with SIGABRT ("terminate called without an active
+    exception") although ``destroy_process_group`` ran: seen twice in CI, once on a probe before
+    the group was destroyed and once on a finished stage after (pytorch#190489 is the first case)."""
+    import logging
+
+    try:
+        close_process_group()
+    finally:
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(code)
+
+
 def barrier() -> None:
     import torch.distributed as dist
 

@@ -48,6 +48,7 @@ class StageTrainer:
         runtime.seed_everything(cfg.trainer.seed)
         self.output_dir = Path(cfg.trainer.output_dir)
         self.stop = StopWatch()
+        self.metrics = None
         self.lock = self._lock_output_dir()
         try:
             self._build(cfg)
@@ -70,6 +71,10 @@ class StageTrainer:
         return lock
 
     def release(self) -> None:
+        """Close the metrics files (tensorboard's writer thread included) and the folder lock: the
+        process may end without the interpreter's teardown (:func:`runtime.exit_process`)."""
+        if self.metrics is not None:
+            self.metrics.close()
         if self.lock is not None:
             self.lock.release()
             self.lock = None

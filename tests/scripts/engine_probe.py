@@ -33,3 +33,4 @@ if runtime.is_rank0():
     torch.save({"step": step, "input_ids": batch.input_ids, "attention_mask": batch.attention_mask,
                 "last_index": batch.last_index, "logits": logits.float().cpu(), "scores": scores.cpu()}, out_file)
 runtime.finish()
+runtime.exit_process(0)

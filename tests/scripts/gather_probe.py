@@ -49,3 +49,4 @@ out["partitioned_after_update"] = partitioned(engine.actor.module)
 if runtime.is_rank0():
     torch.save(out, os.environ["PROBE_OUT"])
 runtime.finish()
+runtime.exit_process(0)

@@ -30,3 +30,4 @@ for name, engine in trainer.engine.trained_models().items():
 if runtime.is_rank0():
     torch.save(out, os.environ["PROBE_OUT"])
 runtime.finish()
+runtime.exit_process(0)

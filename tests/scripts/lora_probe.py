@@ -109,3 +109,4 @@ out["input_ids"], out["attention_mask"] = batch.input_ids.cpu(), batch.attention
 if runtime.is_rank0():
     torch.save(out, os.environ["PROBE_OUT"])
 runtime.finish()
+runtime.exit_process(0)

@@ -90,3 +90,4 @@ if runtime.is_rank0():
     with open(os.environ["PROBE_OUT"], "w") as handle:
         json.dump(out, handle, indent=1)
 runtime.finish()
+runtime.exit_process(0)
