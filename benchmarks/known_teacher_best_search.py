@@ -26,6 +26,7 @@ if str(ROOT) not in sys.path:
 
 GAD_LR = "--actor.lr 1e-3 --actor.grad_clip 1.0 --discriminator.grad_clip 1.0"
 CE_Q = f"{GAD_LR} --discriminator.bradley_terry_coef 0 --discriminator.sft_coef 1 --discriminator.lr 1e-4"  # q by cross-entropy
+MIX_Q = "--discriminator.bradley_terry_coef 0.1 --discriminator.sft_coef 1 --discriminator.lr 1e-4"  # + 0.1 x Bradley-Terry
 # (run folder, arm, variant name, that arm's flags, what it tests); "" variant = the main comparison's run
 VARIANTS = [
     ("seqkd_best", "seqkd_best", "", "", "SeqKD's best checkpoint (the start of every row)"),
@@ -39,8 +40,15 @@ VARIANTS = [
      "gad_lr: slow Bradley-Terry q (lr 1e-4), 4 q steps per actor step"),
     ("gad_lr_sftq4", "gad_lr", "sftq4", f"{CE_Q} --discriminator.updates_per_step 4",
      "gad_lr: q by cross-entropy only, 4 q steps per actor step"),
-    ("gad_lr_mix", "gad_lr", "mix", f"{GAD_LR} --discriminator.bradley_terry_coef 0.1 --discriminator.sft_coef 1 "
-     "--discriminator.lr 1e-4", "gad_lr: q by cross-entropy + 0.1 x Bradley-Terry, q lr 1e-4"),
+    ("gad_lr_mix", "gad_lr", "mix", f"{GAD_LR} {MIX_Q}", "gad_lr: q by cross-entropy + 0.1 x Bradley-Terry, q lr 1e-4"),
+    ("gad_lr_mixptx", "gad_lr", "mixptx", f"{GAD_LR} {MIX_Q} --actor.sft_coef 0.1", "gad_lr: the cross-entropy + 0.1 x "
+     "Bradley-Terry q, and 0.1 x SFT on the teacher answers in the actor's update (PPO-ptx)"),
+    ("gad_lr_mix4", "gad_lr", "mix4", f"{GAD_LR} {MIX_Q} --discriminator.updates_per_step 4",
+     "gad_lr: the cross-entropy + 0.1 x Bradley-Terry q, 4 q steps per actor step"),
+    ("gad_lr_mixslow", "gad_lr", "mixslow", f"{GAD_LR.replace('1e-3', '3e-4', 1)} {MIX_Q}",
+     "gad_lr: the cross-entropy + 0.1 x Bradley-Terry q, actor lr 3e-4"),
+    ("gad_lr_mixkl", "gad_lr", "mixkl", f"{GAD_LR} {MIX_Q} --actor.kl_coef 0.1",
+     "gad_lr: the cross-entropy + 0.1 x Bradley-Terry q, k3 KL 0.1 to SeqKD's best"),
     ("gad_lr_seq", "gad_lr", "seq", f"{GAD_LR} --discriminator.lr 1e-3 --actor.reward_form sequence",
      "gad_lr: Bradley-Terry q, the sequence reward GRPO-normalised (GAD's form)"),
     ("gad_lr_ref", "gad_lr", "ref", f"{GAD_LR} --discriminator.lr 1e-3 --discriminator.baseline reference",
