@@ -138,7 +138,8 @@ def stage_plan(arm: str, args) -> list:
 
 
 def arm_flags(arm: str, args) -> str:
-    return {"gad": args.gad_flags, "opd": args.opd_flags, "gad_lr": args.gad_lr_flags, "spin": args.spin_flags}.get(arm, "")
+    return {"gad": args.gad_flags, "opd": args.opd_flags, "gad_lr": args.gad_lr_flags, "spin": args.spin_flags,
+            "seqkd_more": args.seqkd_flags}.get(arm, "")
 
 
 def best_stage_plan(arm: str, args) -> list:
@@ -150,7 +151,8 @@ def best_stage_plan(arm: str, args) -> list:
     if arm == "seqkd_best":
         return []
     if arm == "seqkd_more":
-        return [("seqkd", "seqkd_more", "seqkd_best", ["--trainer.max_steps", steps])]
+        return [("seqkd", "seqkd_more" + suffix, "seqkd_best", ["--trainer.max_steps", steps,
+                                                                *shlex.split(args.seqkd_flags)])]
     if arm == "gad":
         return [("gad", "gad" + suffix, "seqkd_best", ["--trainer.max_steps", steps + args.discriminator_warmup,
                                                        "--trainer.discriminator_warmup", args.discriminator_warmup,
@@ -463,6 +465,8 @@ def main(argv=None) -> int:
                         "string (default: the GAD actor learning rate found best in the search, benchmarks/RESULTS.md)")
     parser.add_argument("--opd-flags", default=DEFAULT_OPD_FLAGS, help="extra flags for the opd stage only, as one string")
     parser.add_argument("--gad-lr-flags", default=DEFAULT_GAD_LR_FLAGS, help="extra flags for the gad_lr stage only")
+    parser.add_argument("--seqkd-flags", default="", help="--protocol best: extra flags for the seqkd_more arm "
+                        "only (more SFT from the best checkpoint), e.g. another --actor.lr")
     parser.add_argument("--spin-flags", default=None, help="extra flags for the spin stage only (default: "
                         + "; ".join(f"--protocol {k}: {v}" for k, v in DEFAULT_SPIN_FLAGS.items()) + ")")
     parser.add_argument("--protocol", default="start", choices=("start", "best"),
@@ -473,8 +477,9 @@ def main(argv=None) -> int:
     parser.add_argument("--curve-steps", type=int, default=400, help="--protocol best: SeqKD curve length")
     parser.add_argument("--curve-every", type=int, default=40, help="--protocol best: SeqKD checkpoint and "
                         "validation interval of the curve")
-    parser.add_argument("--variant", default="", help="a name for this GAD/OPD setting: its runs go to gad_NAME, "
-                        "gad_frozen_NAME and opd_NAME beside the shared warm-up and SeqKD runs of the same --output-dir")
+    parser.add_argument("--variant", default="", help="a name for this setting of the arms' flags: their runs go "
+                        "to ARM_NAME (gad_NAME, opd_NAME, spin_NAME, ...; with --protocol best also seqkd_more_NAME) "
+                        "beside the shared warm-up and SeqKD runs of the same --output-dir")
     parser.add_argument("--num-procs", type=int, default=2, help="ranks per stage")
     parser.add_argument("--eval-prompts", type=int, default=0, help="held-out prompts to evaluate on (0 = all)")
     parser.add_argument("--eval-samples", type=int, default=2, help="student samples per held-out prompt")

@@ -31,6 +31,9 @@ MIX_Q = "--discriminator.bradley_terry_coef 0.1 --discriminator.sft_coef 1 --dis
 VARIANTS = [
     ("seqkd_best", "seqkd_best", "", "", "SeqKD's best checkpoint (the start of every row)"),
     ("seqkd_more", "seqkd_more", "", "", "60 more SFT steps"),
+    ("seqkd_more_lr3e4", "seqkd_more", "lr3e4", "--actor.lr 3e-4", "60 more SFT steps at lr 3e-4 (the control for the "
+     "black-box rows at a lower actor lr)"),
+    ("seqkd_more_lr1e4", "seqkd_more", "lr1e4", "--actor.lr 1e-4", "60 more SFT steps at lr 1e-4"),
     ("gad", "gad", "", "--actor.lr 2e-5", "published GAD, fresh discriminator, 10 steps alone first"),
     ("gad_lr", "gad_lr", "", f"{GAD_LR} --discriminator.lr 1e-3", "gad_lr: Bradley-Terry q, baseline pi_old, q lr 1e-3"),
     ("gad_lr_sftq", "gad_lr", "sftq", CE_Q, "gad_lr: q by cross-entropy only (no contrast), q lr 1e-4"),
@@ -59,7 +62,7 @@ VARIANTS = [
      "spin: beta 0.1, lr 1e-4, reference refreshed every 20 steps (SPIN's iterations)"),
     ("opd", "opd", "", "--actor.lr 1e-3", "opd (white-box bound)"),
 ]
-FLAG_ARGUMENT = {"gad_lr": "--gad-lr-flags", "spin": "--spin-flags", "gad": "--gad-flags", "opd": "--opd-flags"}
+FLAG_ARGUMENT = {"seqkd_more": "--seqkd-flags", "gad_lr": "--gad-lr-flags", "spin": "--spin-flags", "gad": "--gad-flags", "opd": "--opd-flags"}
 KEYS = ["reverse_kl", "teacher_nll", "forward_nll", "length_ratio"]
 
 
