@@ -152,7 +152,7 @@ def best_stage_plan(arm: str, args) -> list:
         return []
     if arm == "seqkd_more":
         return [("seqkd", "seqkd_more" + suffix, "seqkd_best", ["--trainer.max_steps", steps,
-                                                                *shlex.split(args.seqkd_flags)])]
+                                                                *shlex.split(arm_flags(arm, args))])]
     if arm == "gad":
         return [("gad", "gad" + suffix, "seqkd_best", ["--trainer.max_steps", steps + args.discriminator_warmup,
                                                        "--trainer.discriminator_warmup", args.discriminator_warmup,

@@ -82,9 +82,11 @@ def main_for(stage: str, argv=None) -> None:
         say(f"error: {exc}")
         code = 2
     except SystemExit as exc:  # argparse: --help (0) or a bad flag (2, its message already printed)
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-        if not isinstance(exc.code, (int, type(None))):
+        if exc.code is None or isinstance(exc.code, int):
+            code = exc.code or 0
+        else:  # sys.exit("message"): the message, exit 1 (as Python does)
             say(str(exc.code))
+            code = 1
     except BaseException:  # a bug: the traceback, as an uncaught exception would print it
         traceback.print_exc()
         code = 1

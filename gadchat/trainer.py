@@ -184,8 +184,7 @@ class StageTrainer:
         self.save(self.total_steps)
         if t.export_hf:
             self.checkpoints.export_final()
-        self.metrics.close()
-        return last
+        return last  # run() closes the metrics files (release)
 
     def save(self, step: int):
         self.saved = (step, self.checkpoints.save(step, self.guard.checkpoint_health(step)))
@@ -245,7 +244,6 @@ class StageTrainer:
             saved = f"; saved {self.save(step)}"
         elif step > 0 and checkpoint.latest_checkpoint(self.output_dir) is not None:
             saved = f"; the latest checkpoint is {checkpoint.latest_checkpoint(self.output_dir)}"
-        self.metrics.close()
         raise StopRequested(
             f"stopped by {name} at step {step}/{self.total_steps} of the {self.cfg.trainer.stage} stage in "
             f"{self.output_dir}{saved}; rerun the same command (--trainer.resume auto) to continue from there",

@@ -92,6 +92,8 @@ def test_every_field_can_be_set_from_yaml(tmp_path):
     for section, name, kind, default in all_fields():
         _, value = non_default(section, name, kind, default)
         if f"{section}.{name}" in ALONE:
+            alone = write_yaml(tmp_path / f"{section}.{name}.yaml", f"{section}:\n  {name}: {json.dumps(value)}\n")
+            assert getattr(getattr(load_config(["--config", str(alone)]), section), name) == value, (section, name)
             continue
         if section != current:
             lines.append(f"{section}:")
