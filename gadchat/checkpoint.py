@@ -186,9 +186,11 @@ def model_signature(module, trainable_only: bool = False) -> dict:
 class CheckpointManager:
     """Resumable checkpoints of a stage's trained roles, and the final export of its exported roles."""
 
-    def __init__(self, cfg, engine, rank: int, world_size: int, num_rows: int, total_steps: int):
+    def __init__(self, cfg, engine, rank: int, world_size: int, num_rows: int, total_steps: int,
+                 carried: dict | None = None):
         self.cfg, self.engine, self.rank, self.world_size = cfg, engine, rank, world_size
         self.num_rows, self.total_steps = num_rows, total_steps
+        self.carried = {} if carried is None else carried  # the recipe's state between steps (StageContext.carried)
         self.output_dir = Path(cfg.trainer.output_dir)
         self.root = checkpoint_root(self.output_dir)
         # The frozen base of each LoRA role, as a weight digest (a collective: every rank, here).
@@ -260,6 +262,7 @@ class CheckpointManager:
                 torch.save(runtime.rng_state(), step_dir / f"rng_rank{self.rank}.pt")
                 if self.engine.actor_ema is not None:
                     torch.save(self.engine.actor_ema.state_dict(), step_dir / f"ema_rank{self.rank}.pt")
+                torch.save(self.carried, step_dir / f"carried_rank{self.rank}.pt")
                 if self.rank == 0:
                     self._save_hf_metadata(step_dir)
             except (OSError, RuntimeError) as exc:
@@ -318,9 +321,28 @@ class CheckpointManager:
             raise CheckpointError(f"{rng_file} is not an RNG state of this version ({type(exc).__name__}: {exc})") from exc
         if self.engine.actor_ema is not None:
             self._load_ema(step_dir / f"ema_rank{self.rank}.pt")
+        self._load_carried(step_dir / f"carried_rank{self.rank}.pt")
         if self.rank == 0:
             logger.info("resumed %s from %s at step %d/%d", state["stage"], step_dir, state["step"], self.total_steps)
         return int(state["step"])
+
+    def _load_carried(self, path: Path) -> None:
+        """The recipe's state between steps, as saved. A checkpoint of an older version has none:
+        the recipe then starts it empty (said in a warning)."""
+        self.carried.clear()
+        if not path.exists():
+            logger.warning("%s is missing (a checkpoint of an older version): the stage's state between steps "
+                           "starts empty", path)
+            return
+        try:
+            state = safe_torch_load(path)
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            if isinstance(exc, CheckpointError):
+                raise
+            raise CheckpointError(f"{path}: not a stage state of this version ({type(exc).__name__}: {exc})") from exc
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{path}: not a stage state of this version (a {type(state).__name__}, not a dict)")
+        self.carried.update(state)
 
     def _load_ema(self, path: Path) -> None:
         if not path.exists():

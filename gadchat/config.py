@@ -219,6 +219,16 @@ class DiscriminatorConfig(LoraFields):
     """gad_lr stage: add this x the token-mean cross-entropy of ``q`` on the teacher answers to its update."""
     updates_per_step: int = 1
     """gad_lr stage: discriminator optimizer steps per actor step on the same batch."""
+    length_normalised: bool = False
+    """gad_lr stage: ``D`` is the token-mean of ``log q - log b`` over the answer instead of its sum, so
+    the Bradley-Terry loss cannot separate the two sides by length alone (its optimum is then no
+    longer ``q = p_T``); the actor's per-token reward is unchanged."""
+    replay_steps: int = 0
+    """gad_lr stage: ``q``'s Bradley-Terry loss also covers the teacher answers and samples of the
+    last N steps, with the baselines scored then (a history of past samples, so that ``q`` does not
+    only chase the current policy; Shrivastava et al., CVPR 2017); the loss is the mean over the
+    N + 1 batches, and ``q``'s compute grows N + 1 times. Each rank keeps its own history, saved in
+    the checkpoint. 0 = off."""
 
 
 @dataclass
@@ -347,7 +357,8 @@ RANGES = (  # (flag, low, high or None, low excluded); high is inclusive
     ("trainer.keep_last", 1, None, False), ("trainer.log_every", 1, None, False), ("trainer.eval_every", 0, None, False),
     ("trainer.eval_prompts", 1, None, False), ("trainer.spike_threshold", 0, None, False),
     ("discriminator.bradley_terry_coef", 0, None, False), ("discriminator.sft_coef", 0, None, False),
-    ("discriminator.updates_per_step", 1, None, False), ("actor.sft_coef", 0, None, False),
+    ("discriminator.updates_per_step", 1, None, False), ("discriminator.replay_steps", 0, None, False),
+    ("actor.sft_coef", 0, None, False),
     ("actor.dpo_beta", 0, None, True), ("actor.reference_refresh_every", 0, None, False),
     ("actor.ema_decay", 0, 0.999999, False),
     *((f"{section}.{name}", 0, high, False) for section in ("actor", "discriminator")

@@ -200,16 +200,20 @@ def kl_loss(log_probs, ref_log_probs, mask, denominator=None) -> torch.Tensor:
 # black-box per-token rewards: a language-model discriminator (gad_lr) and SPIN's DPO loss (spin)
 
 
-def sequence_log_ratio(log_probs: torch.Tensor, baseline_log_probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def sequence_log_ratio(log_probs: torch.Tensor, baseline_log_probs: torch.Tensor, mask: torch.Tensor,
+                       length_normalised: bool = False) -> torch.Tensor:
     """The likelihood-ratio discriminator's score of each sequence, ``[B]``:
 
     ``D(x, y) = sum_t m_t (log q(y_t | x, y_<t) - log b(y_t | x, y_<t))``
 
+    or, ``length_normalised``, that sum divided by the sequence's ``sum_t m_t`` (the token-mean).
     ``log_probs``: ``log q`` ``[B, T]`` of the discriminator (a causal LM); ``baseline_log_probs``:
     ``log b`` of the frozen baseline (the rollout policy or the reference), same shape. Trained by
-    Bradley-Terry between teacher answers and student samples, the optimum with ``b`` the sampling
-    policy is ``q = p_T``: ``D`` is then the teacher's log-ratio ``log p_T(y|x) - log pi(y|x)``."""
-    return ((log_probs - baseline_log_probs) * mask).sum(-1)
+    Bradley-Terry between teacher answers and student samples, the optimum of the sum with ``b`` the
+    sampling policy is ``q = p_T``: ``D`` is then the teacher's log-ratio ``log p_T(y|x) - log pi(y|x)``.
+    The token-mean gives up that optimum for a score in which an answer's length is no feature."""
+    total = ((log_probs - baseline_log_probs) * mask).sum(-1)
+    return total / mask.sum(-1).clamp(min=1) if length_normalised else total
 
 
 def token_log_ratio_rewards(discriminator_log_probs: torch.Tensor, old_log_probs: torch.Tensor,

@@ -99,11 +99,13 @@ class StageTrainer:
         self.schedule = PromptSchedule(len(self.examples), cfg.trainer.prompts_per_step, self.world_size, self.rank,
                                        stage_seed(cfg.trainer.seed, cfg.trainer.stage), cfg.data.shuffle)
         self.total_steps = self.schedule.total_steps(cfg.trainer.epochs, cfg.trainer.max_steps)
+        carried = {}  # the recipe's state between steps: the context's, saved by the checkpoints
         self.checkpoints = checkpoint.CheckpointManager(cfg, self.engine, self.rank, self.world_size,
-                                                        num_rows=len(self.examples), total_steps=self.total_steps)
+                                                        num_rows=len(self.examples), total_steps=self.total_steps,
+                                                        carried=carried)
         self.guard = NonFiniteGuard(self.engine, cfg.trainer.on_nonfinite, self.output_dir, self.rank,
                                     cfg.trainer.spike_threshold)
-        self.context = StageContext(cfg, self.engine, self.tokenizer, self.rank, self.world_size)
+        self.context = StageContext(cfg, self.engine, self.tokenizer, self.rank, self.world_size, carried)
         self.start_step = 0
         if self.recipe.uses_rollout(cfg):
             self.engine.build_rollout()

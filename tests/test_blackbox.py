@@ -16,7 +16,10 @@ import pytest
 import torch
 
 from conftest import HAS_VLLM, REPO, launch, load_weights, read_metrics, tiny_args
+from gadchat.batch import SequenceBatch
 from gadchat.losses import bradley_terry_loss, dpo_loss, sequence_log_ratio, token_log_ratio_rewards
+from gadchat.safe_load import safe_torch_load
+from gadchat.stages import blackbox
 from gadchat.teacher_metrics import token_pearson
 
 BACKEND = "vllm" if HAS_VLLM else "hf"
@@ -32,6 +35,22 @@ def test_sequence_log_ratio_sums_the_masked_token_differences():
     mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
     # row 0: (-1 + 1.5) + (-2 + 1) = -0.5 (the third token is masked); row 1: 0.5 + 1.5 - 8 = -6
     assert sequence_log_ratio(q, b, mask).tolist() == pytest.approx([-0.5, -6.0])
+    # length-normalised: each sum over its own 2 and 3 response tokens
+    assert sequence_log_ratio(q, b, mask, length_normalised=True).tolist() == pytest.approx([-0.25, -2.0])
+
+
+def test_the_replay_history_keeps_the_newest_steps_as_plain_tensors():
+    first = SequenceBatch.build([[1, 2]], [[3, 4, 5]], pad_token_id=0)
+    samples = SequenceBatch.build([[1, 2], [1, 2]], [[6], [7, 8]], pad_token_id=0)
+    record = blackbox.replay_record(first, samples, torch.zeros(1, 4), torch.ones(2, 3))
+    answers, replayed, answer_baseline, sample_baseline = blackbox.replayed_pairs(record)
+    assert torch.equal(answers.input_ids, first.input_ids) and torch.equal(replayed.response_mask, samples.response_mask)
+    assert torch.equal(sample_baseline, torch.ones(2, 3)) and torch.equal(answer_baseline, torch.zeros(1, 4))
+    history = []
+    for step in range(4):
+        history = blackbox.remember(history, {"step": step}, keep=2)
+    assert history == [{"step": 2}, {"step": 3}]
+    assert blackbox.remember(history, {"step": 4}, keep=0) == []
 
 
 def test_token_rewards_are_the_masked_log_ratio_of_each_token():
@@ -158,7 +177,8 @@ def test_gad_lr_trains_q_and_actor_resumes_exactly_and_exports_q_as_a_language_m
                      "--trainer.max_steps", 4, "--trainer.save_every", 2, "--trainer.log_param_digest", "true",
                      "--trainer.verify_rollout_sync", "true", "--model.teacher_path", tiny_model,
                      "--discriminator.sft_coef", 0.5, "--actor.sft_coef", 0.1, "--actor.kl_coef", 0.01,
-                     "--discriminator.lr", 1e-3, "--discriminator.micro_batch_tokens", 600)
+                     "--discriminator.lr", 1e-3, "--discriminator.micro_batch_tokens", 600,
+                     "--discriminator.replay_steps", 2, "--discriminator.length_normalised", "true")
     launch("gad_lr", 2, args)
     rows = read_metrics(run)
     initial, steps = rows[0], rows[1:]
@@ -176,6 +196,11 @@ def test_gad_lr_trains_q_and_actor_resumes_exactly_and_exports_q_as_a_language_m
     assert steps[0]["discriminator/teacher_score"] == pytest.approx(0.0, abs=1e-5)
     assert all(row["reward/std"] > 0 for row in steps)  # the rewards come from the updated q
 
+    # each rank's replay history (steps 0 and 1 at the step-2 checkpoint) is in the checkpoint: the
+    # resume below, whose q then trains on this step's pairs and the replayed ones, must match
+    for rank in (0, 1):
+        carried = safe_torch_load(run / "checkpoints" / "step_00000002" / f"carried_rank{rank}.pt")
+        assert len(carried["replay"]) == 2 and carried["replay"][0]["sample_baseline"].dim() == 2
     resumed = tmp_path / "gad_lr_resumed"
     cut_back_to(run, resumed, 2)
     launch("gad_lr", 2, tiny_args(tiny_model, resumed, *args[args.index("--trainer.init_from"):]))

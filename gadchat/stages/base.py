@@ -43,12 +43,15 @@ class StepResult:
 
 class StageContext:
     """What a recipe's step may use of the running stage: the engine (its roles and rollout), the
-    configuration, the tokenizer, this rank's place, the rollout seeds and the held-out examples
-    of the optional ROUGE-L evaluation (read on first use)."""
+    configuration, the tokenizer, this rank's place, the rollout seeds, the state it carries between
+    steps and the held-out examples of the optional ROUGE-L evaluation (read on first use)."""
 
-    def __init__(self, cfg, engine, tokenizer, rank: int = 0, world_size: int = 1):
+    def __init__(self, cfg, engine, tokenizer, rank: int = 0, world_size: int = 1, carried: dict | None = None):
         self.cfg, self.engine, self.tokenizer = cfg, engine, tokenizer
         self.rank, self.world_size = rank, world_size
+        self.carried = {} if carried is None else carried
+        """What a recipe carries from one step to the next on this rank (``gad_lr``'s replay history):
+        tensors, lists and dicts, saved in every checkpoint and restored on resume."""
         self._eval_examples = None
 
     def rollout_seed(self, step: int) -> int:

@@ -38,9 +38,10 @@ def pair_backward_passes(parts) -> int:
 
 
 def log_ratio_pair_update(ctx, update, model, parts, answer_baseline: torch.Tensor, sample_baseline: torch.Tensor,
-                          scale: float, temperature: float, coefficient: float = 1.0):
+                          scale: float, temperature: float, coefficient: float = 1.0, length_normalised: bool = False):
     """Back-propagate ``coefficient x`` the Bradley-Terry loss of the scores
-    ``s(y) = scale * sum_t (log model(y_t) - log b(y_t))`` (:func:`~gadchat.losses.sequence_log_ratio`),
+    ``s(y) = scale * sum_t (log model(y_t) - log b(y_t))`` (:func:`~gadchat.losses.sequence_log_ratio`;
+    ``length_normalised``: the token-mean instead of the sum),
     each prompt's teacher answer preferred over each of its ``n`` samples, into ``update``
     (:func:`pair_backward_passes` of them; the answers are run forward twice).
 
@@ -58,7 +59,8 @@ def log_ratio_pair_update(ctx, update, model, parts, answer_baseline: torch.Tens
             log_probs, _ = engine.log_probs(model, part, temperature=temperature)
             width = log_probs.shape[1]
             mask = part.target_mask.to(log_probs.device)
-            return scale * sequence_log_ratio(log_probs, baseline[rows, :width].to(log_probs.device), mask)
+            return scale * sequence_log_ratio(log_probs, baseline[rows, :width].to(log_probs.device), mask,
+                                              length_normalised)
         return of
 
     return bradley_terry_by_rows(score(answer_baseline), score(sample_baseline),
@@ -82,3 +84,23 @@ def token_reward_diagnostics(token_rewards: torch.Tensor, view, mask: torch.Tens
         return {}
     teacher_lp, actor_lp = view
     return {"diag/token_reward_pearson": token_pearson(token_rewards, teacher_lp - actor_lp, mask)}
+
+
+def replay_record(answers: SequenceBatch, samples: SequenceBatch, answer_baseline: torch.Tensor,
+                  sample_baseline: torch.Tensor) -> dict:
+    """One step's pairs as plain CPU tensors (a checkpoint holds them: ``StageContext.carried``)."""
+    def fields(batch):
+        return [t.detach().cpu() for t in (batch.input_ids, batch.attention_mask, batch.response_mask, batch.last_index)]
+    return {"answers": fields(answers), "samples": fields(samples),
+            "answer_baseline": answer_baseline.detach().cpu(), "sample_baseline": sample_baseline.detach().cpu()}
+
+
+def replayed_pairs(record: dict) -> tuple:
+    """``(answers, samples, answer_baseline, sample_baseline)`` of a :func:`replay_record`."""
+    return (SequenceBatch(*record["answers"]), SequenceBatch(*record["samples"]),
+            record["answer_baseline"], record["sample_baseline"])
+
+
+def remember(history: list, record: dict, keep: int) -> list:
+    """``history`` with ``record`` appended, the newest ``keep`` only (pure)."""
+    return (list(history) + [record])[-keep:] if keep > 0 else []

@@ -20,7 +20,10 @@ Per step:
 2. ``pi_old`` (the actor before its update) scores the samples, and the baseline ``b`` scores the
    teacher answers and the samples;
 3. ``q`` takes ``discriminator.updates_per_step`` steps of ``bradley_terry_coef x`` Bradley-Terry
-   on ``D`` (+ ``discriminator.sft_coef x`` its cross-entropy on the teacher answers);
+   on ``D`` (+ ``discriminator.sft_coef x`` its cross-entropy on the teacher answers); with
+   ``discriminator.replay_steps`` N the Bradley-Terry loss is the mean over this step's pairs and
+   those of the last N steps (each with the baselines scored at its own step), and with
+   ``discriminator.length_normalised`` ``D`` is the token-mean of the log-ratio, not its sum;
 4. the updated ``q`` scores the samples: rewards ``r_t = log q(y_t) - log pi_old(y_t)``;
 5. once ``step >= trainer.discriminator_warmup``: the actor takes PPO-clip steps on the per-token
    advantages ``r_t`` (+ ``actor.kl_coef`` x k3 KL to the reference, + ``actor.sft_coef`` x SFT
@@ -53,11 +56,15 @@ class GADLikelihoodRatio(Recipe):
         return out
 
     def config_problems(self, cfg) -> list:
-        n = cfg.rollout.n
+        n, d = cfg.rollout.n, cfg.discriminator
+        problems = []
         if cfg.actor.reward_form == "sequence" and not (isinstance(n, int) and n >= 2):
-            return [f"--rollout.n must be >= 2 with --actor.reward_form sequence (GRPO advantages of a single "
-                    f"sample are 0), got {n!r}"]
-        return []
+            problems.append(f"--rollout.n must be >= 2 with --actor.reward_form sequence (GRPO advantages of a "
+                            f"single sample are 0), got {n!r}")
+        if d.replay_steps > 0 and d.bradley_terry_coef == 0:
+            problems.append(f"--discriminator.replay_steps must be 0 when --discriminator.bradley_terry_coef is 0 (the "
+                            f"history feeds the Bradley-Terry loss only), got {d.replay_steps!r}")
+        return problems
 
     def step(self, ctx: StageContext, step: int, batch: list) -> StepResult:
         cfg, engine = ctx.cfg, ctx.engine
@@ -77,25 +84,37 @@ class GADLikelihoodRatio(Recipe):
             with engine.timer("old_log_probs"):
                 old = engine.log_probs_no_grad(engine.actor, student, a.micro_batch_size, temperature)
 
-        # the discriminator q: Bradley-Terry on D (+ cross-entropy on the teacher answers)
-        parts = blackbox.pair_parts(answers, student, cfg.rollout.n, d.micro_batch_prompts, d.micro_batch_tokens)
+        # the discriminator q: Bradley-Terry on D over this step's pairs and the replayed ones
+        # (+ cross-entropy on the teacher answers)
+        pairs = [(answers, student, answer_baseline, sample_baseline)]
+        pairs += [blackbox.replayed_pairs(record) for record in ctx.carried.get("replay", [])]
+        pair_parts = [blackbox.pair_parts(t, s, cfg.rollout.n, d.micro_batch_prompts, d.micro_batch_tokens)
+                      for t, s, _, _ in pairs]
         ce_parts = answers.micro_batches(max(1, d.micro_batch_prompts), tokens=d.micro_batch_tokens)
         metrics = {}
-        count = blackbox.pair_backward_passes(parts) * (d.bradley_terry_coef > 0) + len(ce_parts) * (d.sft_coef > 0)
+        count = sum(map(blackbox.pair_backward_passes, pair_parts)) * (d.bradley_terry_coef > 0) \
+            + len(ce_parts) * (d.sft_coef > 0)
         with engine.timer("discriminator_update"):
             for repeat in range(d.updates_per_step):
                 with engine.update("discriminator", count) as update:
-                    if d.bradley_terry_coef > 0:
+                    for index, ((_, _, t_base, s_base), parts) in enumerate(zip(pairs, pair_parts)):
+                        if d.bradley_terry_coef == 0:
+                            break
                         t_all, s_all = blackbox.log_ratio_pair_update(
-                            ctx, update, engine.discriminator, parts, answer_baseline, sample_baseline, 1.0,
-                            temperature, d.bradley_terry_coef)
-                        if repeat == 0:
+                            ctx, update, engine.discriminator, parts, t_base, s_base, 1.0, temperature,
+                            d.bradley_terry_coef / len(pairs), d.length_normalised)
+                        if repeat == 0 and index == 0:
                             metrics.update(blackbox.pair_metrics("discriminator", t_all, s_all, "d_loss"))
                     if d.sft_coef > 0:
                         ce = common.sft_backward(ctx, update, ce_parts, float(answers.target_mask.sum()),
                                                  model=engine.discriminator, coefficient=d.sft_coef)
                         if repeat == 0:
                             metrics["discriminator/sft_loss"] = ce
+
+        if d.replay_steps > 0:
+            ctx.carried["replay"] = blackbox.remember(
+                ctx.carried.get("replay", []),
+                blackbox.replay_record(answers, student, answer_baseline, sample_baseline), d.replay_steps)
 
         # per-token rewards from the updated q
         with engine.timer("score"):
