@@ -56,6 +56,14 @@ VARIANTS = [
      "gad_lr: Bradley-Terry q, the sequence reward GRPO-normalised (GAD's form)"),
     ("gad_lr_ref", "gad_lr", "ref", f"{GAD_LR} --discriminator.lr 1e-3 --discriminator.baseline reference",
      "gad_lr: Bradley-Terry q against the frozen reference (SeqKD's best) as baseline"),
+    ("gad_lr_mean", "gad_lr", "mean", f"{GAD_LR} --discriminator.lr 1e-3 --discriminator.length_normalised true",
+     "gad_lr: Bradley-Terry q on the length-normalised D (token-mean log-ratio), q lr 1e-3"),
+    ("gad_lr_replay4", "gad_lr", "replay4", f"{GAD_LR} --discriminator.lr 1e-3 --discriminator.replay_steps 4",
+     "gad_lr: Bradley-Terry q over this step's and the last 4 steps' pairs, q lr 1e-3"),
+    ("gad_lr_mixreplay4", "gad_lr", "mixreplay4", f"{GAD_LR} {MIX_Q} --discriminator.replay_steps 4",
+     "gad_lr: the cross-entropy + 0.1 x Bradley-Terry q, its Bradley-Terry over the last 4 steps' pairs too"),
+    ("gad_lr_mixmean", "gad_lr", "mixmean", f"{GAD_LR} {MIX_Q} --discriminator.length_normalised true",
+     "gad_lr: the cross-entropy + 0.1 x Bradley-Terry q on the length-normalised D"),
     ("spin", "spin", "", "--actor.lr 1e-4 --actor.grad_clip 1.0", "spin: beta 0.1, lr 1e-4"),
     ("spin_lr1e3", "spin", "lr1e3", "--actor.lr 1e-3 --actor.grad_clip 1.0", "spin: beta 0.1, lr 1e-3"),
     ("spin_refresh20", "spin", "refresh20", "--actor.lr 1e-4 --actor.grad_clip 1.0 --actor.reference_refresh_every 20",
@@ -78,6 +86,36 @@ def pearson_and_work(run: Path) -> tuple:
         if (run / "metrics.jsonl").exists() else []
     values = [r["diag/token_reward_pearson"] for r in rows if isinstance(r.get("diag/token_reward_pearson"), float)]
     return (sum(values) / len(values) if values else None), len([r for r in rows if r.get("step", 0) > 0])
+
+
+def evaluate_discriminators(runs: dict, evaluate: bool) -> dict:
+    """``{folder: metrics}`` of each gad_lr run's exported ``q`` (``final/discriminator``, a causal LM)
+    evaluated as a student itself: sampled on the held-out prompts and scored by the teacher, as the
+    arms are. The actor is trained toward ``q`` (its reward is ``log q - log pi_old``, a reverse KL to
+    ``q``), so ``q`` itself shows how far the reward could take it. Stored beside the run's own
+    evaluation (``q_known_teacher_eval.json``); with ``evaluate`` the missing ones are evaluated
+    together (one generation engine)."""
+    results, missing = {}, {}
+    for folder, run in runs.items():
+        cache = run / "q_known_teacher_eval.json"
+        if cache.exists():
+            results[folder] = json.loads(cache.read_text())["metrics"]
+        elif evaluate and (run / "final" / "discriminator" / "config.json").exists():
+            missing[folder] = run
+    if missing:
+        from transformers import AutoTokenizer
+
+        from applications.known_teacher import TEACHER_MAX_NEW_TOKENS, prepare
+        from applications.known_teacher_eval import evaluate_against_teacher, held_out
+
+        paths = prepare("auto")
+        heldout = held_out(Path(paths["test"]), AutoTokenizer.from_pretrained(paths["student"]))
+        fresh = evaluate_against_teacher({f: str(r / "final" / "discriminator") for f, r in missing.items()},
+                                         paths["teacher"], heldout, 2, TEACHER_MAX_NEW_TOKENS, seed=42)
+        for folder, run in missing.items():
+            results[folder] = fresh[folder]
+            (run / "q_known_teacher_eval.json").write_text(json.dumps({"metrics": fresh[folder]}, indent=1))
+    return results
 
 
 def three_seed_notes(out: Path) -> list:
@@ -118,18 +156,23 @@ def main(argv=None) -> int:
     out = (ROOT / args.output_dir).resolve()
     seed_dir = out / "seed42"
     rows, missing = [], []
+    q_runs = {folder: seed_dir / folder / "run" for folder, arm, _, _, _ in VARIANTS if arm == "gad_lr"}
+    if args.run:  # train what is missing first: the q evaluation below needs the runs
+        for folder, arm, variant, flags, _ in VARIANTS:
+            if variant and not (seed_dir / folder / "run" / "known_teacher_eval.json").exists():
+                run_variant(arm, variant, flags, out)
+    q_metrics = evaluate_discriminators(q_runs, args.run)
     for folder, arm, variant, flags, about in VARIANTS:
         run = seed_dir / folder if folder == "seqkd_best" else seed_dir / folder / "run"
         evaluation = run / "known_teacher_eval.json"
-        if not evaluation.exists() and args.run and variant:
-            run_variant(arm, variant, flags, out)
         if not evaluation.exists():
             missing.append(folder)
             continue
         metrics = json.loads(evaluation.read_text())["metrics"]
         pearson, steps = pearson_and_work(run) if folder != "seqkd_best" else (None, 0)
         rows.append([about, *[f"{metrics[k]:.3f}" if k != "length_ratio" else f"{metrics[k]:.2f}" for k in KEYS],
-                     "-" if pearson is None else f"{pearson:+.3f}", flags or "-"])
+                     "-" if pearson is None else f"{pearson:+.3f}",
+                     f"{q_metrics[folder]['reverse_kl']:.3f}" if folder in q_metrics else "-", flags or "-"])
         print(rows[-1], flush=True)
     if missing:
         print("not evaluated (run with --run):", ", ".join(missing))
@@ -140,10 +183,14 @@ def main(argv=None) -> int:
                              "better for the first three columns; the per-token Pearson is the training diagnostic "
                              "(mean over the run's steps), the goal asks for >= +0.5.",
               "table": {"columns": ["arm / variant", "reverse KL / token", "teacher NLL", "forward NLL",
-                                    "length / teacher's", "per-token Pearson (training)", "the arm's flags"],
+                                    "length / teacher's", "per-token Pearson (training)",
+                                    "q itself: reverse KL / token", "the arm's flags"],
                         "rows": rows},
               "notes": ["The 3-seed run of the default arms is the section 'the main comparison from SeqKD's best "
-                        "checkpoint'.", *seed_notes, *([f"not evaluated: {', '.join(missing)}"] if missing else [])]}
+                        "checkpoint'.",
+                        "'q itself': a gad_lr run's exported discriminator q (a causal LM) sampled and scored as a "
+                        "student, the same evaluation as the arms; the actor's reward log q - log pi_old trains it "
+                        "toward q (a reverse KL to q), so q bounds where the reward leads.", *seed_notes, *([f"not evaluated: {', '.join(missing)}"] if missing else [])]}
     if args.save:
         common.save_result("q_known_teacher_best_search", result,
                            common.command_line("benchmarks/known_teacher_best_search.py", argv))
