@@ -6,7 +6,8 @@ Each variant is one arm of ``applications.known_teacher --protocol best`` with i
 the main comparison's runs in the same output folder. A row: the held-out metrics the app stored
 (``known_teacher_eval.json``), the mean over the run's steps of the training diagnostic
 ``diag/token_reward_pearson`` (the per-token reward against the teacher's per-token log-ratio),
-and the run's actor and discriminator updates.
+and, for a ``gad_lr`` run, its exported discriminator ``q`` evaluated as a student itself (where the
+reward ``log q - log pi_old`` leads the actor).
 
     python benchmarks/known_teacher_best_search.py --run      # train and evaluate what is missing, record
     python benchmarks/known_teacher_best_search.py            # record from the runs there

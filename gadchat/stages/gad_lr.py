@@ -99,7 +99,7 @@ class GADLikelihoodRatio(Recipe):
                 with engine.update("discriminator", count) as update:
                     for index, ((_, _, t_base, s_base), parts) in enumerate(zip(pairs, pair_parts)):
                         if d.bradley_terry_coef == 0:
-                            break
+                            break  # replay_steps is 0 then (config_problems)
                         t_all, s_all = blackbox.log_ratio_pair_update(
                             ctx, update, engine.discriminator, parts, t_base, s_base, 1.0, temperature,
                             d.bradley_terry_coef / len(pairs), d.length_normalised)
