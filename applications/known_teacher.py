@@ -44,7 +44,12 @@ ARMS = ("start", "seqkd", "warmup", "gad", "gad_frozen", "opd", "gad_lr", "spin"
 # The main comparison (--protocol best): every arm continues from SeqKD's best checkpoint (chosen per seed
 # by the forward NLL of a validation part of the training data, never the test prompts) for the same
 # number of actor steps; seqkd_more is more SFT from there, opd the white-box bound from there.
-BEST_ARMS = ("seqkd_best", "seqkd_more", "gad", "gad_lr", "spin", "opd", "seqkd_more_lora", "opd_lora")
+BEST_ARMS = ("seqkd_best", "seqkd_more", "gad", "gad_lr", "spin", "opd", "seqkd_more_lora", "opd_lora", "seqkd_ema")
+# seqkd_ema: SFT from the start for --curve-steps steps with an exponential moving average of the weights
+# (--actor.ema_decay, DeepSpeed-Chat's --enable_ema), the average evaluated: black-box, a stronger SFT
+# baseline than the best checkpoint (measured 2026-12-07, docs/known_teacher.md).
+SEQKD_EMA_DECAY = 0.99
+EVALUATED_EXPORT = {"seqkd_ema": "actor_ema"}  # arms whose model is another export of their run than final/actor
 VALIDATION_SPLIT = 0.1  # --protocol best: the share of the training prompts held out to pick SeqKD's best step
 # The search on this set-up (benchmarks/RESULTS.md): the recipe's actor lr (1e-3, tuned for SFT of the
 # tiny student) makes the policy outrun the discriminator in the GAD stage and collapse; 2e-5 was stable.
@@ -139,7 +144,7 @@ def stage_plan(arm: str, args) -> list:
 
 def arm_flags(arm: str, args) -> str:
     return {"gad": args.gad_flags, "opd": args.opd_flags, "gad_lr": args.gad_lr_flags, "spin": args.spin_flags,
-            "seqkd_more": args.seqkd_flags}.get(arm, "")
+            "seqkd_more": args.seqkd_flags, "seqkd_ema": args.seqkd_flags}.get(arm, "")
 
 
 def best_stage_plan(arm: str, args) -> list:
@@ -159,6 +164,10 @@ def best_stage_plan(arm: str, args) -> list:
                                                        *shlex.split(args.gad_flags)])]
     if arm in ("gad_lr", "spin", "opd"):
         return [(arm, arm + suffix, "seqkd_best", ["--trainer.max_steps", steps, *shlex.split(arm_flags(arm, args))])]
+    if arm == "seqkd_ema":  # from the start, as long as the SFT curve, its weight average evaluated
+        return [("seqkd", "seqkd_ema" + suffix, None, ["--trainer.max_steps", args.curve_steps,
+                                                      "--actor.ema_decay", SEQKD_EMA_DECAY,
+                                                      *shlex.split(arm_flags(arm, args))])]
     if arm == "seqkd_more_lora":
         return [("seqkd", "seqkd_more_lora", "seqkd_best", ["--trainer.max_steps", steps, *shlex.split(LORA_FLAGS)])]
     if arm == "opd_lora":
@@ -228,6 +237,23 @@ def train_seed(seed: int, arms: list, paths: dict, args, extra: list) -> dict:
     return {"runs": runs, "wall": wall}
 
 
+def evaluated_model(run: Path, arm: str) -> str:
+    """The model an arm is judged by: its last stage's run (its ``final/actor``), or the export
+    :data:`EVALUATED_EXPORT` names (``final/actor_ema`` for ``seqkd_ema``)."""
+    return str(Path(run) / "final" / EVALUATED_EXPORT[arm]) if arm in EVALUATED_EXPORT else str(run)
+
+
+def evaluation_cache(path: str, out: Path, name: str, seed: int) -> Path:
+    """Where :func:`evaluate_cached` keeps a model's result: in its run folder (beside the run for an
+    export inside its ``final/``), or in ``out`` for models that are not runs of this benchmark."""
+    path = Path(path).resolve()
+    if not path.is_relative_to(out):
+        return out / f"eval_{name}_seed{seed}.json"
+    if path.parent.name == "final":
+        return path.parent.parent / f"known_teacher_eval_{path.name}.json"
+    return path / "known_teacher_eval.json"
+
+
 def evaluate_cached(models: dict, paths: dict, heldout, args, seed: int, out: Path) -> dict:
     """:func:`evaluate_against_teacher` per model, reusing a stored result made with the same
     settings (kept in the run folder, or in ``out`` for models that are not runs of this benchmark)."""
@@ -237,8 +263,7 @@ def evaluate_cached(models: dict, paths: dict, heldout, args, seed: int, out: Pa
                 "max_new_tokens": TEACHER_MAX_NEW_TOKENS, "seed": seed, "backend": args.backend}
     results, caches, missing = {}, {}, {}
     for name, path in models.items():
-        is_run = Path(path).resolve().is_relative_to(out)
-        caches[name] = Path(path) / "known_teacher_eval.json" if is_run else out / f"eval_{name}_seed{seed}.json"
+        caches[name] = evaluation_cache(path, out, name, seed)
         if caches[name].exists():
             stored = json.loads(caches[name].read_text())
             if stored.get("settings") == settings and stored.get("model") == str(path):
@@ -307,7 +332,7 @@ def best_goal_checks(summary: dict) -> list:
     if "seqkd_best" not in summary:
         return checks
     base = summary["seqkd_best"]
-    for arm in ("seqkd_more", "gad", "gad_lr", "spin"):
+    for arm in ("seqkd_more", "gad", "gad_lr", "spin", "seqkd_ema"):
         if arm not in summary:
             continue
         for key in ("reverse_kl", "teacher_nll"):
@@ -520,7 +545,7 @@ def main(argv=None) -> int:
     for seed in args.seeds:
         runs = trained[seed]["runs"]
         models = {arm: (paths["student"] if arm == "start" else str(runs["seqkd_best"]) if arm == "seqkd_best"
-                        else str(runs[stage_plan(arm, args)[-1][1]])) for arm in arms}  # an arm's last stage's run
+                        else evaluated_model(runs[stage_plan(arm, args)[-1][1]], arm)) for arm in arms}
         per_seed[seed] = evaluate_cached(models, paths, heldout, args, seed, out)
         for arm in arms:  # the work behind each arm (in --protocol best: after SeqKD's best checkpoint)
             counts = [work_counts(runs[name]) for _, name, _, _ in stage_plan(arm, args)] if arm != "start" else []

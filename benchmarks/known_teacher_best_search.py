@@ -65,6 +65,12 @@ VARIANTS = [
      "gad_lr: the cross-entropy + 0.1 x Bradley-Terry q, its Bradley-Terry over the last 4 steps' pairs too"),
     ("gad_lr_mixmean", "gad_lr", "mixmean", f"{GAD_LR} {MIX_Q} --discriminator.length_normalised true",
      "gad_lr: the cross-entropy + 0.1 x Bradley-Terry q on the length-normalised D"),
+    ("seqkd_more_ema95", "seqkd_more", "ema95", "--actor.ema_decay 0.95",
+     "60 more SFT steps, with an EMA of the weights (decay 0.95)"),
+    ("gad_lr_mixema95", "gad_lr", "mixema95", f"{GAD_LR} {MIX_Q} --actor.ema_decay 0.95",
+     "gad_lr: the cross-entropy + 0.1 x Bradley-Terry q, with an EMA of the actor's weights (decay 0.95)"),
+    ("opd_selfema", "opd", "selfema", "--actor.lr 1e-3 --model.teacher_path {seed_dir}/seqkd_ema/run/final/actor_ema",
+     "opd toward the seqkd_ema arm's weight average instead of the teacher (black-box: q = averaged SFT)"),
     ("spin", "spin", "", "--actor.lr 1e-4 --actor.grad_clip 1.0", "spin: beta 0.1, lr 1e-4"),
     ("spin_lr1e3", "spin", "lr1e3", "--actor.lr 1e-3 --actor.grad_clip 1.0", "spin: beta 0.1, lr 1e-3"),
     ("spin_refresh20", "spin", "refresh20", "--actor.lr 1e-4 --actor.grad_clip 1.0 --actor.reference_refresh_every 20",
@@ -89,19 +95,20 @@ def pearson_and_work(run: Path) -> tuple:
     return (sum(values) / len(values) if values else None), len([r for r in rows if r.get("step", 0) > 0])
 
 
-def evaluate_discriminators(runs: dict, evaluate: bool) -> dict:
-    """``{folder: metrics}`` of each gad_lr run's exported ``q`` (``final/discriminator``, a causal LM)
-    evaluated as a student itself: sampled on the held-out prompts and scored by the teacher, as the
-    arms are. The actor is trained toward ``q`` (its reward is ``log q - log pi_old``, a reverse KL to
-    ``q``), so ``q`` itself shows how far the reward could take it. Stored beside the run's own
-    evaluation (``q_known_teacher_eval.json``); with ``evaluate`` the missing ones are evaluated
-    together (one generation engine)."""
+def evaluate_exports(runs: dict, export: str, evaluate: bool) -> dict:
+    """``{folder: metrics}`` of another export of each run than its actor, evaluated as a student
+    itself (sampled on the held-out prompts and scored by the teacher, as the arms are):
+    ``discriminator``, a gad_lr run's ``q`` (a causal LM; the actor's reward ``log q - log pi_old`` is
+    the advantage of a reverse KL to ``q``, so ``q`` shows where the reward leads), or ``actor_ema``,
+    the average of the actor's weights. Stored beside the run's own evaluation
+    (``known_teacher_eval_<export>.json``, as the app names an export's); with ``evaluate`` the
+    missing ones are evaluated together (one generation engine)."""
     results, missing = {}, {}
     for folder, run in runs.items():
-        cache = run / "q_known_teacher_eval.json"
+        cache = run / f"known_teacher_eval_{export}.json"
         if cache.exists():
             results[folder] = json.loads(cache.read_text())["metrics"]
-        elif evaluate and (run / "final" / "discriminator" / "config.json").exists():
+        elif evaluate and (run / "final" / export / "config.json").exists():
             missing[folder] = run
     if missing:
         from transformers import AutoTokenizer
@@ -111,11 +118,11 @@ def evaluate_discriminators(runs: dict, evaluate: bool) -> dict:
 
         paths = prepare("auto")
         heldout = held_out(Path(paths["test"]), AutoTokenizer.from_pretrained(paths["student"]))
-        fresh = evaluate_against_teacher({f: str(r / "final" / "discriminator") for f, r in missing.items()},
+        fresh = evaluate_against_teacher({f: str(r / "final" / export) for f, r in missing.items()},
                                          paths["teacher"], heldout, 2, TEACHER_MAX_NEW_TOKENS, seed=42)
         for folder, run in missing.items():
             results[folder] = fresh[folder]
-            (run / "q_known_teacher_eval.json").write_text(json.dumps({"metrics": fresh[folder]}, indent=1))
+            (run / f"known_teacher_eval_{export}.json").write_text(json.dumps({"metrics": fresh[folder]}, indent=1))
     return results
 
 
@@ -157,12 +164,13 @@ def main(argv=None) -> int:
     out = (ROOT / args.output_dir).resolve()
     seed_dir = out / "seed42"
     rows, missing = [], []
-    q_runs = {folder: seed_dir / folder / "run" for folder, arm, _, _, _ in VARIANTS if arm == "gad_lr"}
-    if args.run:  # train what is missing first: the q evaluation below needs the runs
+    if args.run:  # train what is missing first: the evaluations of other exports below need the runs
         for folder, arm, variant, flags, _ in VARIANTS:
             if variant and not (seed_dir / folder / "run" / "known_teacher_eval.json").exists():
-                run_variant(arm, variant, flags, out)
-    q_metrics = evaluate_discriminators(q_runs, args.run)
+                run_variant(arm, variant, flags.format(seed_dir=seed_dir), out)
+    runs = {folder: seed_dir / folder / "run" for folder, _, variant, _, _ in VARIANTS if folder != "seqkd_best"}
+    q_metrics = evaluate_exports({f: r for f, r in runs.items() if f.startswith("gad_lr")}, "discriminator", args.run)
+    ema_metrics = evaluate_exports(runs, "actor_ema", args.run)
     for folder, arm, variant, flags, about in VARIANTS:
         run = seed_dir / folder if folder == "seqkd_best" else seed_dir / folder / "run"
         evaluation = run / "known_teacher_eval.json"
@@ -173,7 +181,8 @@ def main(argv=None) -> int:
         pearson, steps = pearson_and_work(run) if folder != "seqkd_best" else (None, 0)
         rows.append([about, *[f"{metrics[k]:.3f}" if k != "length_ratio" else f"{metrics[k]:.2f}" for k in KEYS],
                      "-" if pearson is None else f"{pearson:+.3f}",
-                     f"{q_metrics[folder]['reverse_kl']:.3f}" if folder in q_metrics else "-", flags or "-"])
+                     f"{q_metrics[folder]['reverse_kl']:.3f}" if folder in q_metrics else "-",
+                     f"{ema_metrics[folder]['reverse_kl']:.3f}" if folder in ema_metrics else "-", flags or "-"])
         print(rows[-1], flush=True)
     if missing:
         print("not evaluated (run with --run):", ", ".join(missing))
@@ -185,13 +194,15 @@ def main(argv=None) -> int:
                              "(mean over the run's steps), the goal asks for >= +0.5.",
               "table": {"columns": ["arm / variant", "reverse KL / token", "teacher NLL", "forward NLL",
                                     "length / teacher's", "per-token Pearson (training)",
-                                    "q itself: reverse KL / token", "the arm's flags"],
+                                    "q itself: reverse KL / token", "the actor's EMA: reverse KL / token",
+                                    "the arm's flags"],
                         "rows": rows},
               "notes": ["The 3-seed run of the default arms is the section 'the main comparison from SeqKD's best "
                         "checkpoint'.",
                         "'q itself': a gad_lr run's exported discriminator q (a causal LM) sampled and scored as a "
                         "student, the same evaluation as the arms; the actor's reward log q - log pi_old trains it "
-                        "toward q (a reverse KL to q), so q bounds where the reward leads.", *seed_notes, *([f"not evaluated: {', '.join(missing)}"] if missing else [])]}
+                        "toward q (a reverse KL to q), so q bounds where the reward leads. 'The actor's EMA': the "
+                        "run's final/actor_ema (--actor.ema_decay) evaluated the same way.", *seed_notes, *([f"not evaluated: {', '.join(missing)}"] if missing else [])]}
     if args.save:
         common.save_result("q_known_teacher_best_search", result,
                            common.command_line("benchmarks/known_teacher_best_search.py", argv))

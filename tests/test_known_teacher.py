@@ -268,3 +268,18 @@ def test_the_shipped_known_teacher_builds_match_this_code_and_are_copied_not_bui
     assert (folder / SHIPPED_MARKER).exists() and (folder / "model.safetensors").stat().st_size > 1_000_000
     monkeypatch.setenv("GADCHAT_BUILD_KNOWN_TEACHER", "1")
     assert shipped_build("kt-student") is None
+
+
+def test_an_arm_judged_by_another_export_is_evaluated_and_cached_beside_its_run(tmp_path):
+    """seqkd_ema is judged by its run's weight average (final/actor_ema); each model's evaluation is
+    cached in its run folder (beside the run for an export inside final/), or in the output folder."""
+    from applications.known_teacher import evaluated_model, evaluation_cache
+
+    out = tmp_path / "kt"
+    run = out / "seed42" / "seqkd_ema" / "run"
+    assert evaluated_model(run, "seqkd_ema") == str(run / "final" / "actor_ema")
+    assert evaluated_model(run, "seqkd_more") == str(run)
+    assert evaluation_cache(str(run / "final" / "actor_ema"), out, "seqkd_ema", 42) == \
+        run.resolve() / "known_teacher_eval_actor_ema.json"
+    assert evaluation_cache(str(run), out, "seqkd_more", 42) == run.resolve() / "known_teacher_eval.json"
+    assert evaluation_cache(str(tmp_path / "elsewhere"), out, "start", 43) == out / "eval_start_seed43.json"
