@@ -431,8 +431,17 @@ def plot(summary: dict, arms: list, per_seed_runs: dict, out_dir: Path) -> list:
     return written
 
 
+def wall_time_note(total: float, reused: int) -> str:
+    """The recorded wall time, saying when it does not cover every stage (runs finished by an earlier
+    invocation are reused, not retrained)."""
+    if not reused:
+        return f"wall time {total:.0f} s"
+    return (f"wall time of this invocation {total:.0f} s, not the benchmark's cost: {reused} stage runs were "
+            "reused from earlier invocations (the stage logs time each run)")
+
+
 def record(args, extra: list, summary: dict, arms: list, teacher_self: dict, checks: list, report: list,
-           pictures: list, total: float) -> list:
+           pictures: list, total: float, reused: int = 0) -> list:
     """Store the run as ``benchmarks/results/9_known_teacher_NAME.json`` (rendered into RESULTS.md by
     the benchmarks' common store) and copy its plots beside it; returns the plots' new paths."""
     import shutil
@@ -454,7 +463,7 @@ def record(args, extra: list, summary: dict, arms: list, teacher_self: dict, che
         "title": f"Known-teacher quality: {args.title or args.record}",
         "description": "\n".join(report[:2]) + f" Plots: {', '.join('results/' + p.name for p in copied)}.",
         "table": {"columns": ["arm", *[label for _, label, _ in METRICS]], "rows": rows},
-        "notes": [f"[{'x' if met else ' '}] {text}" for text, met in checks] + [f"wall time {total:.0f} s"],
+        "notes": [f"[{'x' if met else ' '}] {text}" for text, met in checks] + [wall_time_note(total, reused)],
         "summary": summary, "args": vars(args), "extra": [str(e) for e in extra],
     }, command)
     return copied
@@ -575,7 +584,8 @@ def main(argv=None) -> int:
         "runs": {s: {k: str(v) for k, v in trained[s]["runs"].items()} for s in args.seeds}}, indent=1))
     pictures = plot(summary, arms, {s: trained[s]["runs"] for s in args.seeds}, out)
     if args.record:
-        pictures = record(args, extra, summary, arms, teacher_self, checks, report, pictures, total)
+        reused = sum(1 for seed in args.seeds for name, wall in trained[seed]["wall"].items() if wall == 0.0)
+        pictures = record(args, extra, summary, arms, teacher_self, checks, report, pictures, total, reused)
     log("\n" + text)
     log(f"\n[known-teacher] results: {out / 'results.md'}, {out / 'results.json'}; plots: "
         + ", ".join(str(p) for p in pictures))
