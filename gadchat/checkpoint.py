@@ -313,12 +313,7 @@ class CheckpointManager:
         rng_file = step_dir / f"rng_rank{self.rank}.pt"
         if not rng_file.exists():
             raise CheckpointError(f"{rng_file} is missing: the checkpoint was written by fewer ranks")
-        try:
-            runtime.set_rng_state(safe_torch_load(rng_file))
-        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-            if isinstance(exc, CheckpointError):
-                raise
-            raise CheckpointError(f"{rng_file} is not an RNG state of this version ({type(exc).__name__}: {exc})") from exc
+        apply_state_file(rng_file, " is not an RNG state of this version", runtime.set_rng_state)
         if self.engine.actor_ema is not None:
             self._load_ema(step_dir / f"ema_rank{self.rank}.pt")
         self._load_carried(step_dir / f"carried_rank{self.rank}.pt")
@@ -334,26 +329,19 @@ class CheckpointManager:
             logger.warning("%s is missing (a checkpoint of an older version): the stage's state between steps "
                            "starts empty", path)
             return
-        try:
-            state = safe_torch_load(path)
-        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-            if isinstance(exc, CheckpointError):
-                raise
-            raise CheckpointError(f"{path}: not a stage state of this version ({type(exc).__name__}: {exc})") from exc
-        if not isinstance(state, dict):
-            raise CheckpointError(f"{path}: not a stage state of this version (a {type(state).__name__}, not a dict)")
-        self.carried.update(state)
+        def restore(state):
+            if not isinstance(state, dict):
+                raise TypeError(f"a {type(state).__name__}, not a dict")
+            self.carried.update(state)
+
+        apply_state_file(path, ": not a stage state of this version", restore)
 
     def _load_ema(self, path: Path) -> None:
         if not path.exists():
             raise CheckpointError(f"{path} is missing: --actor.ema_decay is on, and the checkpoint was written "
                                   "without an EMA (or by fewer ranks); resume with --actor.ema_decay 0")
-        try:
-            self.engine.actor_ema.load_state_dict(safe_torch_load(path), path)
-        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-            if isinstance(exc, CheckpointError):
-                raise
-            raise CheckpointError(f"{path}: not an EMA of this run's actor ({type(exc).__name__}: {exc})") from exc
+        apply_state_file(path, ": not an EMA of this run's actor",
+                         lambda state: self.engine.actor_ema.load_state_dict(state, path))
 
     def _shard_problems(self, state: dict) -> list:
         """Why DeepSpeed could not load a checkpoint's ZeRO shards into this run's engines as they
@@ -537,6 +525,17 @@ class CheckpointManager:
             except OSError as exc:
                 error = disk_error(out, "the final export", exc)
         runtime.raise_together(error, CheckpointError)
+
+
+def apply_state_file(path: Path, refusal: str, apply) -> None:
+    """``apply`` what a per-rank state file of a checkpoint holds (loaded by ``safe_torch_load``); a
+    file that does not fit raises CheckpointError as ``{path}{refusal} (the error)``."""
+    try:
+        apply(safe_torch_load(path))
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        if isinstance(exc, CheckpointError):
+            raise
+        raise CheckpointError(f"{path}{refusal} ({type(exc).__name__}: {exc})") from exc
 
 
 def fresh_optimizer_moments(engine) -> None:
