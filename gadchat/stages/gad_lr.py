@@ -84,25 +84,25 @@ class GADLikelihoodRatio(Recipe):
             with engine.timer("old_log_probs"):
                 old = engine.log_probs_no_grad(engine.actor, student, a.micro_batch_size, temperature)
 
-        # the discriminator q: Bradley-Terry on D over this step's pairs and the replayed ones
-        # (+ cross-entropy on the teacher answers)
-        pairs = [(answers, student, answer_baseline, sample_baseline)]
-        pairs += [blackbox.replayed_pairs(record) for record in ctx.carried.get("replay", [])]
-        pair_parts = [blackbox.pair_parts(t, s, cfg.rollout.n, d.micro_batch_prompts, d.micro_batch_tokens)
-                      for t, s, _, _ in pairs]
+        # the discriminator q: Bradley-Terry on D over this step's pairs and the replayed ones, each pair
+        # set as (its micro-batch parts, the answers' baselines, the samples' baselines); + cross-entropy
+        # on the teacher answers
+        pair_sets = []
+        if d.bradley_terry_coef > 0:  # (replay_steps is 0 otherwise: config_problems)
+            pairs = [(answers, student, answer_baseline, sample_baseline)]
+            pairs += [blackbox.replayed_pairs(record) for record in ctx.carried.get("replay", [])]
+            pair_sets = [(blackbox.pair_parts(t, s, cfg.rollout.n, d.micro_batch_prompts, d.micro_batch_tokens),
+                          t_base, s_base) for t, s, t_base, s_base in pairs]
         ce_parts = answers.micro_batches(max(1, d.micro_batch_prompts), tokens=d.micro_batch_tokens)
         metrics = {}
-        count = sum(map(blackbox.pair_backward_passes, pair_parts)) * (d.bradley_terry_coef > 0) \
-            + len(ce_parts) * (d.sft_coef > 0)
+        count = sum(blackbox.pair_backward_passes(parts) for parts, _, _ in pair_sets) + len(ce_parts) * (d.sft_coef > 0)
         with engine.timer("discriminator_update"):
             for repeat in range(d.updates_per_step):
                 with engine.update("discriminator", count) as update:
-                    for index, ((_, _, t_base, s_base), parts) in enumerate(zip(pairs, pair_parts)):
-                        if d.bradley_terry_coef == 0:
-                            break  # replay_steps is 0 then (config_problems)
+                    for index, (parts, t_base, s_base) in enumerate(pair_sets):
                         t_all, s_all = blackbox.log_ratio_pair_update(
                             ctx, update, engine.discriminator, parts, t_base, s_base, 1.0, temperature,
-                            d.bradley_terry_coef / len(pairs), d.length_normalised)
+                            d.bradley_terry_coef / len(pair_sets), d.length_normalised)
                         if repeat == 0 and index == 0:
                             metrics.update(blackbox.pair_metrics("discriminator", t_all, s_all, "d_loss"))
                     if d.sft_coef > 0:
