@@ -499,8 +499,9 @@ def main(argv=None) -> int:
                         "string (default: the GAD actor learning rate found best in the search, benchmarks/RESULTS.md)")
     parser.add_argument("--opd-flags", default=DEFAULT_OPD_FLAGS, help="extra flags for the opd stage only, as one string")
     parser.add_argument("--gad-lr-flags", default=DEFAULT_GAD_LR_FLAGS, help="extra flags for the gad_lr stage only")
-    parser.add_argument("--seqkd-flags", default="", help="--protocol best: extra flags for the seqkd_more arm "
-                        "only (more SFT from the best checkpoint), e.g. another --actor.lr")
+    parser.add_argument("--seqkd-flags", default="", help="--protocol best: extra flags for the SFT arms only "
+                        "(seqkd_more, more SFT from the best checkpoint; seqkd_ema, averaged SFT from the start), "
+                        "e.g. another --actor.lr")
     parser.add_argument("--spin-flags", default=None, help="extra flags for the spin stage only (default: "
                         + "; ".join(f"--protocol {k}: {v}" for k, v in DEFAULT_SPIN_FLAGS.items()) + ")")
     parser.add_argument("--protocol", default="start", choices=("start", "best"),

@@ -79,10 +79,11 @@ VARIANTS = [
 ]
 FLAG_ARGUMENT = {"seqkd_more": "--seqkd-flags", "gad_lr": "--gad-lr-flags", "spin": "--spin-flags", "gad": "--gad-flags", "opd": "--opd-flags"}
 KEYS = ["reverse_kl", "teacher_nll", "forward_nll", "length_ratio"]
+SEED = 42  # the search's seed
 
 
 def run_variant(arm: str, variant: str, flags: str, output_dir: Path) -> None:
-    command = [sys.executable, "-m", "applications.known_teacher", "--protocol", "best", "--seeds", "42",
+    command = [sys.executable, "-m", "applications.known_teacher", "--protocol", "best", "--seeds", str(SEED),
                "--output-dir", str(output_dir), "--arms", arm, "--variant", variant, FLAG_ARGUMENT[arm], flags]
     print("[search]", " ".join(command[2:]), flush=True)
     subprocess.run(command, cwd=ROOT, check=True)
@@ -95,35 +96,33 @@ def pearson_and_work(run: Path) -> tuple:
     return (sum(values) / len(values) if values else None), len([r for r in rows if r.get("step", 0) > 0])
 
 
-def evaluate_exports(runs: dict, export: str, evaluate: bool) -> dict:
+def evaluate_exports(runs: dict, export: str, out: Path, evaluate: bool) -> dict:
     """``{folder: metrics}`` of another export of each run than its actor, evaluated as a student
-    itself (sampled on the held-out prompts and scored by the teacher, as the arms are):
+    itself by the benchmark's own cached evaluation (``applications.known_teacher.evaluate_cached``:
+    seed 42's settings, stored beside the run as ``known_teacher_eval_<export>.json``):
     ``discriminator``, a gad_lr run's ``q`` (a causal LM; the actor's reward ``log q - log pi_old`` is
     the advantage of a reverse KL to ``q``, so ``q`` shows where the reward leads), or ``actor_ema``,
-    the average of the actor's weights. Stored beside the run's own evaluation
-    (``known_teacher_eval_<export>.json``, as the app names an export's); with ``evaluate`` the
-    missing ones are evaluated together (one generation engine)."""
-    results, missing = {}, {}
-    for folder, run in runs.items():
-        cache = run / f"known_teacher_eval_{export}.json"
-        if cache.exists():
-            results[folder] = json.loads(cache.read_text())["metrics"]
-        elif evaluate and (run / "final" / export / "config.json").exists():
-            missing[folder] = run
-    if missing:
-        from transformers import AutoTokenizer
+    the average of the actor's weights. Without ``evaluate`` only the stored results are read."""
+    from types import SimpleNamespace
 
-        from applications.known_teacher import TEACHER_MAX_NEW_TOKENS, prepare
-        from applications.known_teacher_eval import evaluate_against_teacher, held_out
+    from applications.known_teacher import evaluate_cached, evaluation_cache
 
-        paths = prepare("auto")
-        heldout = held_out(Path(paths["test"]), AutoTokenizer.from_pretrained(paths["student"]))
-        fresh = evaluate_against_teacher({f: str(r / "final" / export) for f, r in missing.items()},
-                                         paths["teacher"], heldout, 2, TEACHER_MAX_NEW_TOKENS, seed=42)
-        for folder, run in missing.items():
-            results[folder] = fresh[folder]
-            (run / f"known_teacher_eval_{export}.json").write_text(json.dumps({"metrics": fresh[folder]}, indent=1))
-    return results
+    models = {folder: str(run / "final" / export) for folder, run in runs.items()
+              if (run / "final" / export / "config.json").exists()}
+    if not evaluate:
+        models = {folder: path for folder, path in models.items()
+                  if evaluation_cache(path, out, folder, SEED).exists()}
+    if not models:
+        return {}
+    from transformers import AutoTokenizer
+
+    from applications.known_teacher import prepare
+    from applications.known_teacher_eval import held_out
+
+    paths = prepare("auto")
+    heldout = held_out(Path(paths["test"]), AutoTokenizer.from_pretrained(paths["student"]))
+    settings = SimpleNamespace(eval_samples=2, backend="auto")  # the app's defaults, as the arms are evaluated
+    return evaluate_cached(models, paths, heldout, settings, SEED, out)
 
 
 def three_seed_notes(out: Path) -> list:
@@ -162,15 +161,16 @@ def main(argv=None) -> int:
     parser.add_argument("--no-save", dest="save", action="store_false")
     args = parser.parse_args(argv)
     out = (ROOT / args.output_dir).resolve()
-    seed_dir = out / "seed42"
+    seed_dir = out / f"seed{SEED}"
     rows, missing = [], []
     if args.run:  # train what is missing first: the evaluations of other exports below need the runs
         for folder, arm, variant, flags, _ in VARIANTS:
             if variant and not (seed_dir / folder / "run" / "known_teacher_eval.json").exists():
                 run_variant(arm, variant, flags.format(seed_dir=seed_dir), out)
     runs = {folder: seed_dir / folder / "run" for folder, _, variant, _, _ in VARIANTS if folder != "seqkd_best"}
-    q_metrics = evaluate_exports({f: r for f, r in runs.items() if f.startswith("gad_lr")}, "discriminator", args.run)
-    ema_metrics = evaluate_exports(runs, "actor_ema", args.run)
+    q_metrics = evaluate_exports({f: r for f, r in runs.items() if f.startswith("gad_lr")}, "discriminator", out,
+                                 args.run)
+    ema_metrics = evaluate_exports(runs, "actor_ema", out, args.run)
     for folder, arm, variant, flags, about in VARIANTS:
         run = seed_dir / folder if folder == "seqkd_best" else seed_dir / folder / "run"
         evaluation = run / "known_teacher_eval.json"
