@@ -119,6 +119,18 @@ def test_spin_refuses_checkpoints_between_reference_refreshes():
     assert recipe("spin").config_problems(cfg) == []
 
 
+def test_gad_lr_refuses_a_replay_with_no_bradley_terry_loss_to_feed():
+    from gadchat.config import GADConfig
+    from gadchat.stages import recipe
+
+    cfg = GADConfig()
+    cfg.discriminator.replay_steps, cfg.discriminator.bradley_terry_coef, cfg.discriminator.sft_coef = 2, 0.0, 1.0
+    problems = recipe("gad_lr").config_problems(cfg)
+    assert len(problems) == 1 and problems[0].startswith("--discriminator.replay_steps must be 0")
+    cfg.discriminator.bradley_terry_coef = 0.1
+    assert recipe("gad_lr").config_problems(cfg) == []
+
+
 # ----------------------------------------------------------------------------------------------
 # 2 ranks, ZeRO-3: SeqKD's best checkpoint -> gad_lr / spin, checkpoints, exact resume, export
 
